@@ -1,0 +1,151 @@
+"""`HiSoConfig`: `TrainingArguments` plus the zeroth-order settings of HiSo."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from transformers import TrainingArguments
+
+from .zo_optimizer import check_zo_settings
+
+
+@dataclass
+class ZOArguments:
+    """The zeroth-order settings, kept apart from `TrainingArguments` so that `HiSoTrainer` can apply their defaults
+    to a plain `TrainingArguments` object from an existing script."""
+
+    zo_eps: float = field(
+        default=1e-3, metadata={"help": "Perturbation radius mu of the finite differences (the paper uses 1e-3)."}
+    )
+    zo_num_directions: int = field(
+        default=5, metadata={"help": "Random directions P per step; a step costs P + 1 forward passes (forward)."}
+    )
+    zo_difference: str = field(
+        default="forward",
+        metadata={
+            "help": "Finite difference: 'forward' (the paper, P + 1 passes) or 'central' (MeZO, 2P + 1 passes).",
+            "choices": ["forward", "central"],
+        },
+    )
+    zo_preconditioner: bool = field(
+        default=True,
+        metadata={"help": "Learn HiSo's diagonal preconditioner H; False keeps H = I (DeComFL / MeZO-style ZO-SGD)."},
+    )
+    zo_hessian_smooth: float = field(
+        default=0.95, metadata={"help": "beta in H <- beta * H + (1 - beta) * (v**2 + eps): the weight of the old H."}
+    )
+    zo_hessian_damping: float = field(
+        default=1e-8, metadata={"help": "eps in the H update (the paper's damping; the authors' code uses 0)."}
+    )
+    zo_hessian_update: str = field(
+        default="last_local_step",
+        metadata={
+            "help": "Which local steps of a round update H: 'last_local_step' (the paper) or 'all_local_steps'.",
+            "choices": ["last_local_step", "all_local_steps"],
+        },
+    )
+    zo_generator: str = field(
+        default="cpu",
+        metadata={
+            "help": "Where directions are drawn: 'cpu' (the same numbers on every device: needed when parties on "
+            "different hardware rebuild each other's updates) or 'device' (faster on GPUs, device-specific numbers).",
+            "choices": ["cpu", "device"],
+        },
+    )
+    zo_cache_directions: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep a step's P directions in memory (P x trainable parameters) instead of regenerating each "
+            "one for perturbation, restoration and update. Faster, costs memory."
+        },
+    )
+    zo_skip_nonfinite: bool = field(
+        default=False,
+        metadata={"help": "Skip and count a step with NaN/inf scalars instead of raising an error."},
+    )
+
+    def check_zo(self) -> None:
+        check_zo_settings(
+            zo_eps=self.zo_eps,
+            num_directions=self.zo_num_directions,
+            difference=self.zo_difference,
+            hessian_smooth=self.zo_hessian_smooth,
+            hessian_damping=self.zo_hessian_damping,
+            hessian_update=self.zo_hessian_update,
+            generator=self.zo_generator,
+            prefix="zo_",
+        )
+
+    @classmethod
+    def from_args(cls, args: Any) -> ZOArguments:
+        """The ZO settings of `args`, with the HiSo defaults for those it does not have (plain `TrainingArguments`)."""
+        out = cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+        out.check_zo()
+        return out
+
+    def optimizer_kwargs(self, seed: int) -> dict[str, Any]:
+        return {
+            "zo_eps": self.zo_eps,
+            "num_directions": self.zo_num_directions,
+            "difference": self.zo_difference,
+            "preconditioner": self.zo_preconditioner,
+            "hessian_smooth": self.zo_hessian_smooth,
+            "hessian_damping": self.zo_hessian_damping,
+            "hessian_update": self.zo_hessian_update,
+            "generator": self.zo_generator,
+            "cache_directions": self.zo_cache_directions,
+            "skip_nonfinite": self.zo_skip_nonfinite,
+            "seed": seed,
+        }
+
+
+def check_trainer_compatibility(args: TrainingArguments) -> None:
+    """Refuses `TrainingArguments` that cannot work with a zeroth-order optimizer, before any training starts."""
+    if args.fp16:
+        raise ValueError(
+            "`fp16=True` is not supported by HiSo: fp16 training relies on a gradient scaler, and a zeroth-order step "
+            "has no gradient to scale; finite differences of fp16 losses also lose most of their digits. Use "
+            "`bf16=True` or fp32."
+        )
+    if args.deepspeed:
+        raise ValueError(
+            "`deepspeed` is not supported by HiSo: DeepSpeed owns the optimizer step and the gradient buffers that a "
+            "zeroth-order step does not have. Use plain data parallelism (`accelerate launch --multi_gpu`), where "
+            "only P scalars are all-reduced per step."
+        )
+    if args.fsdp:
+        raise ValueError(
+            "`fsdp` is not supported by HiSo yet: the in-place perturbation of sharded parameters needs every rank "
+            "to perturb its own shard with the same directions, which is not implemented. Use `accelerate launch "
+            "--multi_gpu` (data parallel, scalars all-reduced) instead."
+        )
+
+
+@dataclass
+class HiSoConfig(ZOArguments, TrainingArguments):
+    r"""
+    Configuration of [`HiSoTrainer`]: every [`~transformers.TrainingArguments`] field plus the zeroth-order settings
+    (`zo_*`). Parsed by `HfArgumentParser` like any `TrainingArguments`.
+
+    Defaults changed from `TrainingArguments` (re-declared below):
+        learning_rate: `1e-4`. Zeroth-order steps are noisier than gradients; the HiSo paper tunes its rate per task.
+        max_grad_norm: `0.0`. There is no gradient to clip.
+        average_tokens_across_devices: `False`. The scalars are averaged over processes instead, and transformers
+            would otherwise rescale the logged loss under several processes.
+    """
+
+    learning_rate: float = field(default=1e-4, metadata={"help": "The learning rate eta of the ZO update."})
+    max_grad_norm: float = field(
+        default=0.0, metadata={"help": "Unused by zeroth-order training (there is no gradient); kept at 0."}
+    )
+    average_tokens_across_devices: bool = field(
+        default=False,
+        metadata={"help": "Kept False: HiSo all-reduces the directional scalars, not token counts."},
+    )
+
+    def __post_init__(self):
+        # Checked before TrainingArguments' own post-init, which would try to import DeepSpeed or set up FSDP first.
+        self.check_zo()
+        check_trainer_compatibility(self)
+        super().__post_init__()

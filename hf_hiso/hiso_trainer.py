@@ -1,0 +1,205 @@
+"""`HiSoTrainer`: `transformers.Trainer` with HiSo's zeroth-order step in place of backpropagation.
+
+Only `training_step` (measure the directional scalars instead of calling `backward`), the optimizer choice and `log`
+(add the `zo/*` metrics) are overridden. The Trainer's own loop then gives gradient accumulation, LR schedules,
+logging, evaluation, checkpoints and `resume_from_checkpoint` unchanged: `optimizer.step()` is where the queued
+scalars become a parameter update, and the optimizer's state (the preconditioner) is checkpointed like Adam's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from .hiso_config import HiSoConfig, ZOArguments, check_trainer_compatibility
+from .zo_optimizer import HiSoOptimizer
+
+
+def unwrap_optimizer(optimizer: torch.optim.Optimizer | None) -> HiSoOptimizer | None:
+    """The `HiSoOptimizer` inside accelerate's `AcceleratedOptimizer` wrapper(s)."""
+    while optimizer is not None and not isinstance(optimizer, HiSoOptimizer) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer if isinstance(optimizer, HiSoOptimizer) else None
+
+
+class HiSoTrainer(Trainer):
+    r"""
+    A drop-in replacement for [`~transformers.Trainer`] that fine-tunes with HiSo's zeroth-order optimizer: each
+    optimizer step evaluates the loss at `x` and at `x + mu * z_p` for `P` random directions (no backward pass, no
+    `.grad`), and updates `x <- x - (lr / P) * sum_p g_p z_p` with a learned diagonal preconditioner.
+
+    Args:
+        args ([`HiSoConfig`] or [`~transformers.TrainingArguments`]): a plain `TrainingArguments` (from an existing
+            script) is accepted; the zeroth-order settings then take the [`HiSoConfig`] defaults.
+        *others*: exactly as [`~transformers.Trainer`]. `optimizers` may carry a [`HiSoOptimizer`], nothing else.
+
+    With a [`FederatedZOCallback`] among the callbacks, every Trainer step is one federated round.
+    """
+
+    _tag_names = ["hf_hiso", "zeroth-order"]
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: TrainingArguments | None = None,
+        *pos_args: Any,
+        optimizers: tuple[torch.optim.Optimizer | None, Any] = (None, None),
+        optimizer_cls_and_kwargs: tuple[type, dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ):
+        if args is None:
+            args = HiSoConfig(output_dir="tmp_trainer")
+        check_trainer_compatibility(args)
+        self.zo_args = ZOArguments.from_args(args)
+        if optimizers[0] is not None and unwrap_optimizer(optimizers[0]) is None:
+            raise ValueError(
+                f"`optimizers[0]` must be a HiSoOptimizer (or None to build one from the config), got "
+                f"{type(optimizers[0]).__name__}: a gradient optimizer has no gradients to work with in HiSoTrainer."
+            )
+        if optimizer_cls_and_kwargs is not None and not issubclass(optimizer_cls_and_kwargs[0], HiSoOptimizer):
+            raise ValueError("`optimizer_cls_and_kwargs` must name HiSoOptimizer (or a subclass) in HiSoTrainer.")
+        if optimizers[0] is None and optimizer_cls_and_kwargs is None:
+            optimizer_cls_and_kwargs = (
+                HiSoOptimizer,
+                {"lr": args.learning_rate, **self.zo_args.optimizer_kwargs(seed=args.seed)},
+            )
+        # Set by a FederatedZOCallback: runs a whole federated round in place of the centralized step.
+        self.zo_round_runner: Callable[[HiSoTrainer, nn.Module, dict], torch.Tensor] | None = None
+        self._zo_log_sums = {"steps": 0, "scalar_abs": 0.0, "scalar_sq": 0.0, "count": 0}
+        self.zo_forward_passes = 0
+        self._zo_model_uses_num_items: bool | None = None
+        super().__init__(
+            model,
+            args,
+            *pos_args,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            **kwargs,
+        )
+
+    # ---- optimizer ---------------------------------------------------------------------------------------------
+
+    @property
+    def zo_optimizer(self) -> HiSoOptimizer:
+        opt = unwrap_optimizer(self.optimizer)
+        if opt is None:
+            raise RuntimeError("HiSoTrainer has no HiSoOptimizer yet: call `train()` or `create_optimizer()` first.")
+        return opt
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        optimizer = super().create_optimizer(model)
+        zo = unwrap_optimizer(optimizer)
+        if zo is None:
+            raise ValueError(f"HiSoTrainer needs a HiSoOptimizer, got {type(optimizer).__name__}.")
+        if self.accelerator.num_processes > 1:
+            # Data parallelism: each process measured the scalars on its shard of the batch; their mean over processes
+            # is the full batch's scalar. P numbers per step are all that is communicated.
+            zo.scalar_reduce = self._mean_over_processes
+        return optimizer
+
+    def _mean_over_processes(self, scalars: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(scalars.to(self.accelerator.device), reduction="mean").cpu()
+
+    # ---- the zeroth-order step ----------------------------------------------------------------------------------
+
+    def zo_loss_scale(self, loss_fn: Callable, num_items_in_batch: Any) -> float:
+        """The factor that makes the summed scalars of the micro-batches of one optimizer step equal the scalars of
+        the whole batch: `1` when the loss is already normalised by `num_items_in_batch` (the whole step's item
+        count), `1 / micro-batches` when it is a per-micro-batch mean.
+
+        The Trainer infers the first case from the model's signature (`**kwargs`), which is wrong for models that
+        accept the keyword but ignore it (e.g. `BertForSequenceClassification`): with gradient accumulation their
+        loss would count twice. So, once per run, the loss is evaluated with and without `num_items_in_batch`; if
+        both agree, the model ignores it.
+        """
+        if self.current_gradient_accumulation_steps == 1:
+            return 1.0
+        if self.loss_is_scaled_for_ga is not None:
+            scaled = self.loss_is_scaled_for_ga
+        elif self.compute_loss_func is not None:
+            scaled = True
+        elif not self.model_accepts_loss_kwargs or num_items_in_batch is None:
+            scaled = False
+        else:
+            if self._zo_model_uses_num_items is None:
+                with_items = loss_fn()
+                without_items = loss_fn(num_items_in_batch=None)
+                self._zo_model_uses_num_items = not torch.allclose(with_items, without_items)
+            scaled = self._zo_model_uses_num_items
+        return 1.0 if scaled else 1.0 / self.current_gradient_accumulation_steps
+
+    def zo_loss_fn(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Callable:
+        """A closure evaluating the Trainer's loss (`compute_loss`, so `compute_loss_func` and label smoothing apply)
+        on `inputs` at the current parameters."""
+
+        def loss_fn(**override: Any) -> torch.Tensor:
+            with self.compute_loss_context_manager():
+                loss = self.compute_loss(model, inputs, **{"num_items_in_batch": num_items_in_batch, **override})
+            if self.args.n_gpu > 1:
+                loss = loss.mean()
+            return loss
+
+        return loss_fn
+
+    def training_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        """Measures the directional scalars of this micro-batch and queues them in the optimizer (no backward).
+
+        The forward passes run in eval mode (dropout off: `f(x)` and `f(x + mu z)` must see the same network) and
+        without autograd. Returns the loss at the unperturbed parameters, scaled as the Trainer scales losses.
+        """
+        if self.zo_round_runner is not None:
+            return self.zo_round_runner(self, model, inputs)
+        opt = self.zo_optimizer
+        inputs = self._prepare_inputs(inputs)
+        was_training = model.training
+        model.eval()
+        try:
+            seed = opt.current_seed()
+            loss_fn = self.zo_loss_fn(model, inputs, num_items_in_batch)
+            with torch.no_grad():
+                scale = self.zo_loss_scale(loss_fn, num_items_in_batch)
+            loss0, slopes, curvatures = opt.measure(loss_fn, seed)
+        finally:
+            model.train(was_training)
+        opt.accumulate(seed, slopes * scale, curvatures * scale)
+        self.zo_record(slopes, forward_passes=self.zo_passes_per_step())
+        return (loss0 * scale).detach().to(self.args.device)
+
+    def zo_passes_per_step(self) -> int:
+        p = self.zo_args.zo_num_directions
+        return p + 1 if self.zo_args.zo_difference == "forward" else 2 * p + 1
+
+    def zo_record(self, slopes: torch.Tensor, forward_passes: int) -> None:
+        sums = self._zo_log_sums
+        sums["scalar_abs"] += float(slopes.abs().sum())
+        sums["scalar_sq"] += float(slopes.square().sum())
+        sums["count"] += slopes.numel()
+        self.zo_forward_passes += forward_passes
+
+    # ---- logging -----------------------------------------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds the `zo/*` metrics to the training logs (every `logging_steps`) and drops `grad_norm`, which would
+        always be 0: no gradient exists."""
+        if "loss" in logs:
+            logs.pop("grad_norm", None)
+            opt = unwrap_optimizer(self.optimizer)
+            sums = self._zo_log_sums
+            if sums["count"]:
+                logs["zo/scalar_abs_mean"] = sums["scalar_abs"] / sums["count"]
+                logs["zo/scalar_rms"] = (sums["scalar_sq"] / sums["count"]) ** 0.5
+            logs["zo/forward_passes"] = self.zo_forward_passes
+            if opt is not None:
+                logs["zo/skipped_steps"] = opt.state["hiso"]["skipped_steps"]
+                logs.update({f"zo/{k}": v for k, v in opt.hessian_stats().items()})
+            self._zo_log_sums = {"steps": 0, "scalar_abs": 0.0, "scalar_sq": 0.0, "count": 0}
+        super().log(logs, start_time)

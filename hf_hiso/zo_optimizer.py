@@ -1,0 +1,303 @@
+"""`HiSoOptimizer`: a zeroth-order optimizer with HiSo's scalar-learned diagonal preconditioner.
+
+The optimizer never reads `.grad`. A step is split in two, so that the usual training loop (micro-batches, gradient
+accumulation, LR schedulers, distributed reduction) keeps its shape:
+
+1. `measure(loss_fn)` evaluates the loss at `x` and along the step's directions and returns the directional
+   scalars; `accumulate(seed, scalars)` queues them (micro-batches of one step are summed, like gradients).
+2. `step()` applies the queued update `x <- x - (lr / P) * sum_p g_p z_p` with each group's current `lr`, then
+   updates the preconditioner `H <- beta * H + (1 - beta) * (v ** 2 + eps)` with `v = (1 / P) * sum_p g_p z_p`.
+
+The preconditioner (`state[param]["hessian"]`) and the step counter (`state["hiso"]`) live in `optimizer.state`, so
+`state_dict()` checkpoints them without custom code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .zo_estimators import (
+    DIFFERENCES,
+    GENERATORS,
+    DirectionSource,
+    aggregated_directions,
+    directional_scalars,
+    step_seed,
+)
+
+HESSIAN_UPDATES = ("last_local_step", "all_local_steps")
+
+
+@dataclass
+class PendingUpdate:
+    """Scalars measured for one (local) step, waiting to be applied: `seed` and the summed scalars `(P,)`."""
+
+    seed: int
+    slopes: torch.Tensor
+    curvatures: torch.Tensor | None = None
+
+
+class NonFiniteScalarError(FloatingPointError):
+    """Raised when a directional scalar is NaN or infinite; the parameters are left untouched."""
+
+
+class HiSoOptimizer(torch.optim.Optimizer):
+    r"""Zeroth-order SGD with HiSo's diagonal preconditioner (Li et al., ICLR 2026).
+
+    With step seed `s`, directions `u_p ~ N(0, I)` from a private generator seeded by `(s, p)` and
+    `z_p = u_p / sqrt(H)`:
+
+        g_p = (f(x + mu z_p) - f(x)) / mu                      (forward difference, P + 1 forward passes)
+        x  <- x - (lr / P) * sum_p g_p z_p
+        H  <- beta * H + (1 - beta) * (v ** 2 + eps),   v = (1 / P) * sum_p g_p z_p
+
+    With `preconditioner=False`, `H` stays `I`: plain Gaussian ZO-SGD (DeComFL; with `P = 1` and central differences,
+    MeZO).
+
+    Args:
+        params: trainable parameters or parameter groups (each group may set `lr` and `weight_decay`).
+        lr: learning rate `eta`.
+        weight_decay: decoupled weight decay, `x <- x - lr * weight_decay * x` per applied step.
+        zo_eps: perturbation radius `mu`.
+        num_directions: directions per step `P`.
+        difference: `"forward"` or `"central"`.
+        preconditioner: learn `H` (HiSo) or keep `H = I` (DeComFL / MeZO).
+        hessian_smooth: `beta`, the weight of the old `H`.
+        hessian_damping: `eps` added to `v ** 2`.
+        hessian_update: `"last_local_step"` (the paper) or `"all_local_steps"` when a step queues several local steps.
+        generator: `"cpu"` (identical directions on any device) or `"device"` (faster, device-specific numbers).
+        cache_directions: keep the step's directions in memory (`P * d` floats) instead of regenerating them for the
+            perturbation, the restoration and the update.
+        seed: base seed of the centralized step seeds `s_t = step_seed(seed, t)`.
+        skip_nonfinite: skip (and count) a step whose scalars are not finite instead of raising.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        *,
+        zo_eps: float = 1e-3,
+        num_directions: int = 5,
+        difference: str = "forward",
+        preconditioner: bool = True,
+        hessian_smooth: float = 0.95,
+        hessian_damping: float = 1e-8,
+        hessian_update: str = "last_local_step",
+        generator: str = "cpu",
+        cache_directions: bool = False,
+        seed: int = 42,
+        skip_nonfinite: bool = False,
+    ):
+        check_zo_settings(
+            zo_eps=zo_eps,
+            num_directions=num_directions,
+            difference=difference,
+            hessian_smooth=hessian_smooth,
+            hessian_damping=hessian_damping,
+            hessian_update=hessian_update,
+            generator=generator,
+        )
+        if lr < 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+        self.zo_eps = zo_eps
+        self.num_directions = num_directions
+        self.difference = difference
+        self.preconditioner = preconditioner
+        self.hessian_smooth = hessian_smooth
+        self.hessian_damping = hessian_damping
+        self.hessian_update = hessian_update
+        self.skip_nonfinite = skip_nonfinite
+        self.source = DirectionSource(generator=generator, cache=cache_directions)
+        self.pending: list[PendingUpdate] = []
+        # Hook for data parallelism: maps the stacked pending scalars to their mean over processes.
+        self.scalar_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._scales: list[torch.Tensor] | None = None
+        self.state["hiso"] = {"step": 0, "seed": int(seed), "skipped_steps": 0}
+        self.last_loss: float | None = None
+        self.last_slopes: torch.Tensor | None = None
+
+    # ---- parameters and preconditioner -------------------------------------------------------------------------
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        """The trainable tensors in direction order: param groups in order, then each group's tensors in order."""
+        return [p for group in self.param_groups for p in group["params"]]
+
+    @property
+    def global_step(self) -> int:
+        return self.state["hiso"]["step"]
+
+    def current_seed(self) -> int:
+        """Seed of the next centralized step, a function of the base seed and the step counter only."""
+        return step_seed(self.state["hiso"]["seed"], self.state["hiso"]["step"])
+
+    def hessian(self) -> list[torch.Tensor] | None:
+        """`H` per tensor (created lazily as ones), or `None` without a preconditioner."""
+        if not self.preconditioner:
+            return None
+        out = []
+        for p in self.params:
+            st = self.state[p]
+            if "hessian" not in st:
+                st["hessian"] = torch.ones_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            out.append(st["hessian"])
+        return out
+
+    def scales(self) -> list[torch.Tensor] | None:
+        """`H ** -0.5` per tensor in the parameters' dtype, cached until `H` changes."""
+        if not self.preconditioner:
+            return None
+        if self._scales is None:
+            self._scales = [h.rsqrt().to(p.dtype) for h, p in zip(self.hessian(), self.params, strict=True)]
+        return self._scales
+
+    def hessian_stats(self) -> dict[str, float]:
+        hs = self.hessian()
+        if hs is None:
+            return {}
+        n = sum(h.numel() for h in hs)
+        return {
+            "hessian_mean": sum(float(h.sum()) for h in hs) / n,
+            "hessian_min": min(float(h.min()) for h in hs),
+            "hessian_max": max(float(h.max()) for h in hs),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._scales = None
+        self.source.clear()
+
+    # ---- the two halves of a step --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def measure(
+        self, loss_fn: Callable[[], torch.Tensor], seed: int | None = None, loss0: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Directional scalars at the current parameters along the directions of `seed` (default: the current step's
+        seed). The parameters are perturbed in place and restored. Returns `(f(x), slopes, curvatures)`."""
+        seed = self.current_seed() if seed is None else seed
+        return directional_scalars(
+            loss_fn,
+            self.params,
+            seed,
+            self.num_directions,
+            self.zo_eps,
+            scales=self.scales(),
+            difference=self.difference,
+            source=self.source,
+            loss0=loss0,
+        )
+
+    def accumulate(self, seed: int, slopes: torch.Tensor, curvatures: torch.Tensor | None = None) -> None:
+        """Queues scalars for `step()`. Consecutive calls with the same seed are summed (gradient accumulation: the
+        caller scales each micro-batch's loss so that the sum is the full batch's)."""
+        slopes = slopes.detach().float().cpu()
+        curvatures = None if curvatures is None else curvatures.detach().float().cpu()
+        if self.pending and self.pending[-1].seed == seed:
+            last = self.pending[-1]
+            last.slopes = last.slopes + slopes
+            if curvatures is not None and last.curvatures is not None:
+                last.curvatures = last.curvatures + curvatures
+        else:
+            self.pending.append(PendingUpdate(seed, slopes, curvatures))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """Applies the queued update(s) with each group's `lr` and updates `H`.
+
+        With a `closure` (plain PyTorch use, nothing queued) the step measures the scalars itself:
+        `loss = optimizer.step(lambda: loss_fn(model(x), y))`.
+        """
+        loss = None
+        if closure is not None and not self.pending:
+            seed = self.current_seed()
+            loss, slopes, curvatures = self.measure(closure, seed)
+            self.accumulate(seed, slopes, curvatures)
+        if not self.pending:
+            return loss
+        pending, self.pending = self.pending, []
+        if self.scalar_reduce is not None:
+            stacked = self.scalar_reduce(torch.stack([u.slopes for u in pending]))
+            for u, row in zip(pending, stacked, strict=True):
+                u.slopes = row.float().cpu()
+        if not all(bool(torch.isfinite(u.slopes).all()) for u in pending):
+            self.state["hiso"]["skipped_steps"] += 1
+            if not self.skip_nonfinite:
+                slopes = [u.slopes.tolist() for u in pending]
+                hint = "Lower `learning_rate` or `zo_eps`, check the data, or set `zo_skip_nonfinite=True`."
+                raise NonFiniteScalarError(
+                    f"Non-finite directional scalar at step {self.global_step} (slopes {slopes}): the loss is NaN or "
+                    f"infinite at or near the current parameters. The parameters were left unchanged. {hint}"
+                )
+            self.state["hiso"]["step"] += 1
+            return loss
+        self.apply_updates(pending, update_hessian=True)
+        self.last_slopes = torch.stack([u.slopes for u in pending])
+        self.state["hiso"]["step"] += 1
+        return loss
+
+    @torch.no_grad()
+    def apply_updates(self, updates: Sequence[PendingUpdate], update_hessian: bool) -> None:
+        """`x <- x - lr * v_k` for each update `k` in order (all with the same `H`), then, if asked, the `H` rule on
+        the last (or every) `v_k`. Clients of a federated round call this with `update_hessian=False`."""
+        if not updates:
+            return
+        params = self.params
+        scales = self.scales()
+        lrs = [group["lr"] for group in self.param_groups for _ in group["params"]]
+        wds = [group["weight_decay"] for group in self.param_groups for _ in group["params"]]
+        streams = [aggregated_directions(params, u.seed, u.slopes, scales=scales, source=self.source) for u in updates]
+        hs = self.hessian() if (update_hessian and self.preconditioner) else None
+        beta, eps = self.hessian_smooth, self.hessian_damping
+        for i, p in enumerate(params):
+            vs = [next(stream) for stream in streams]
+            for v in vs:
+                if wds[i]:
+                    p.mul_(1.0 - lrs[i] * wds[i])
+                p.add_(v, alpha=-lrs[i])
+            if hs is not None:
+                targets = vs if self.hessian_update == "all_local_steps" else vs[-1:]
+                for v in targets:
+                    hs[i].mul_(beta).add_(v.float().square().add_(eps), alpha=1.0 - beta)
+        if hs is not None:
+            self._scales = None
+
+
+def check_zo_settings(
+    *,
+    zo_eps: float,
+    num_directions: int,
+    difference: str,
+    hessian_smooth: float,
+    hessian_damping: float,
+    hessian_update: str,
+    generator: str,
+    prefix: str = "",
+) -> None:
+    """Raises a `ValueError` naming the field and the allowed values for the first invalid ZO setting. `prefix`
+    is the config's field prefix (`"zo_"` in `HiSoConfig`)."""
+
+    def bad(name: str, allowed: str, value: object) -> ValueError:
+        return ValueError(f"`{prefix}{name}` must be {allowed}, got {value!r}")
+
+    if not (isinstance(zo_eps, int | float) and math.isfinite(zo_eps) and zo_eps > 0):
+        raise ValueError(f"`zo_eps` must be a finite number > 0 (the perturbation radius), got {zo_eps!r}")
+    if isinstance(num_directions, bool) or not isinstance(num_directions, int) or num_directions < 1:
+        raise bad("num_directions", "an integer >= 1", num_directions)
+    if difference not in DIFFERENCES:
+        raise bad("difference", f"one of {DIFFERENCES}", difference)
+    if not (isinstance(hessian_smooth, int | float) and 0.0 <= hessian_smooth < 1.0):
+        raise bad("hessian_smooth", "in [0, 1) (the weight of the old preconditioner)", hessian_smooth)
+    if not (isinstance(hessian_damping, int | float) and math.isfinite(hessian_damping) and hessian_damping >= 0):
+        raise bad("hessian_damping", "a finite number >= 0", hessian_damping)
+    if hessian_update not in HESSIAN_UPDATES:
+        raise bad("hessian_update", f"one of {HESSIAN_UPDATES}", hessian_update)
+    if generator not in GENERATORS:
+        raise bad("generator", f"one of {GENERATORS}", generator)
