@@ -72,6 +72,10 @@ class HiSoTrainer(Trainer):
         self._zo_log_sums = {"steps": 0, "scalar_abs": 0.0, "scalar_sq": 0.0, "count": 0}
         self.zo_forward_passes = 0
         self._zo_model_uses_num_items: bool | None = None
+        # Extra `fed/*`-style metrics merged into every training log (a federated callback registers one).
+        self.zo_log_providers: list[Callable[[], dict[str, float]]] = []
+        # The checkpoint `train()` resumes from, for callbacks that keep state beside it.
+        self.zo_resume_from: str | None = None
         super().__init__(
             model,
             args,
@@ -80,6 +84,29 @@ class HiSoTrainer(Trainer):
             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
             **kwargs,
         )
+        for callback in self.callback_handler.callbacks:
+            self._attach_callback(callback)
+
+    def _attach_callback(self, callback: Any) -> None:
+        # Callbacks that drive the optimization (FederatedZOCallback) need the trainer, which the TrainerCallback
+        # events do not pass.
+        if hasattr(callback, "attach"):
+            callback.attach(self)
+
+    def add_callback(self, callback: Any) -> None:
+        super().add_callback(callback)
+        added = self.callback_handler.callbacks[-1]
+        self._attach_callback(added)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        if resume_from_checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        self.zo_resume_from = resume_from_checkpoint or None
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # ---- optimizer ---------------------------------------------------------------------------------------------
 
@@ -202,4 +229,6 @@ class HiSoTrainer(Trainer):
                 logs["zo/skipped_steps"] = opt.state["hiso"]["skipped_steps"]
                 logs.update({f"zo/{k}": v for k, v in opt.hessian_stats().items()})
             self._zo_log_sums = {"steps": 0, "scalar_abs": 0.0, "scalar_sq": 0.0, "count": 0}
+            for provider in self.zo_log_providers:
+                logs.update(provider())
         super().log(logs, start_time)

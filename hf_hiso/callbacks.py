@@ -1,0 +1,353 @@
+"""`FederatedZOCallback`: HiSo's federated protocol simulated inside the ordinary Trainer loop.
+
+One Trainer step is one communication round, so `max_steps`, `logging_steps`, `eval_steps` and `save_steps` count
+rounds. The clients share the Trainer's single model replica: a client runs its local steps from the round-start
+parameters, its trajectory is undone, and only its `(tau, P)` scalars are kept, which is all a real client would
+send. The aggregated scalars are queued in the optimizer, whose ordinary `step()` then applies the global update and
+the preconditioner update. Every byte that would travel is counted in a `CommunicationLedger`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+from transformers.utils import logging
+
+from .federated.ledger import CommunicationLedger, WireFormat
+from .federated.partition import partition_dataset
+from .federated.protocol import AGGREGATIONS, FederatedServer, RoundPlan, aggregate, check_federation
+from .zo_optimizer import PendingUpdate
+
+if TYPE_CHECKING:
+    from .hiso_trainer import HiSoTrainer
+
+logger = logging.get_logger(__name__)
+
+FEDERATED_STATE_NAME = "federated_state.pt"
+PARTITIONS = ("iid", "dirichlet", "column")
+
+
+class ClientBatches:
+    """A client's endless, seeded stream of mini-batches over its shard.
+
+    The order of epoch `e` is a permutation drawn from `(seed, client, e)` alone, so the position `(epoch, offset)`
+    is the whole state: a resumed run continues with exactly the batches it would have seen.
+    """
+
+    def __init__(self, dataset: Any, collate_fn: Any, batch_size: int, seed: int, client: int):
+        self.dataset = dataset
+        self.collate_fn = collate_fn
+        self.batch_size = batch_size
+        self.seed = seed
+        self.client = client
+        self.epoch = 0
+        self.offset = 0
+        self._order: np.ndarray | None = None
+
+    def _permutation(self) -> np.ndarray:
+        if self._order is None:
+            rng = np.random.default_rng([self.seed, self.client, self.epoch])
+            self._order = rng.permutation(len(self.dataset))
+        return self._order
+
+    def next_batch(self) -> dict[str, Any]:
+        order = self._permutation()
+        idx = order[self.offset : self.offset + self.batch_size]
+        self.offset += self.batch_size
+        if self.offset >= len(order):
+            self.epoch, self.offset, self._order = self.epoch + 1, 0, None
+        return self.collate_fn([self.dataset[int(i)] for i in idx])
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.offset, self._order = state["epoch"], state["offset"], None
+
+
+class FederatedZOCallback(TrainerCallback):
+    r"""
+    Turns a [`HiSoTrainer`] run into a simulated HiSo federation (ALGORITHM.md, sections 3 and 4).
+
+    Each Trainer step is one round: sample `clients_per_round` of `num_clients` clients and one seed per local step;
+    each sampled client catches up on the rounds it missed, runs `local_steps` HiSo steps on its own batches from the
+    round-start model and reports its `local_steps x P` scalars; the server averages them and applies
+    `x_{r+1} = x_r - (lr / P) sum_k sum_p gbar_{k,p} z_{k,p}`, then the preconditioner update.
+
+    Args:
+        num_clients: `M`, the number of clients the training set is split into.
+        clients_per_round: `m <= M`, clients sampled (without replacement) per round.
+        local_steps: `tau`, local ZO steps per client and round.
+        partition: `"iid"`, `"dirichlet"` (label skew) or `"column"` (a column names each example's client).
+        dirichlet_alpha: concentration of the label skew (the paper uses 1.0; smaller is more skewed).
+        label_column: label column for `"dirichlet"`; `None` picks `"labels"` or `"label"`.
+        client_column: the column naming clients, for `"column"`.
+        drop_rate: probability that a sampled client fails to report (simulated faults).
+        aggregation: `"mean"` (the protocol), `"median"` or `"trimmed_mean"` over the clients' scalars.
+        trim_ratio: share trimmed at each end by `"trimmed_mean"`.
+        seed: seed of the server's sampler, the client batches and the fault simulation (default: `args.seed`).
+        wire_format: bytes per scalar, seed and parameter, for the ledger.
+        history_retention: `"needed"` keeps a round until every client has caught up past it; `"all"` keeps the
+            whole history (to rebuild a replica from the initial weights).
+    """
+
+    def __init__(
+        self,
+        num_clients: int = 6,
+        clients_per_round: int = 2,
+        local_steps: int = 1,
+        partition: str = "dirichlet",
+        dirichlet_alpha: float = 1.0,
+        label_column: str | None = None,
+        client_column: str | None = None,
+        drop_rate: float = 0.0,
+        aggregation: str = "mean",
+        trim_ratio: float = 0.1,
+        seed: int | None = None,
+        wire_format: WireFormat | None = None,
+        history_retention: str = "needed",
+    ):
+        check_federation(num_clients, clients_per_round, local_steps)
+        if partition not in PARTITIONS:
+            raise ValueError(f"`partition` must be one of {PARTITIONS}, got {partition!r}")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"`aggregation` must be one of {AGGREGATIONS}, got {aggregation!r}")
+        if partition == "dirichlet" and not (
+            isinstance(dirichlet_alpha, int | float) and 0 < dirichlet_alpha < float("inf")
+        ):
+            raise ValueError(f"`dirichlet_alpha` must be a finite number > 0, got {dirichlet_alpha!r}")
+        if partition == "column" and not client_column:
+            raise ValueError(
+                "`client_column` must name the column that holds each example's client for partition='column'"
+            )
+        if not 0.0 <= drop_rate < 1.0:
+            raise ValueError(f"`drop_rate` must be in [0, 1), got {drop_rate!r}")
+        if not 0.0 <= trim_ratio < 0.5:
+            raise ValueError(f"`trim_ratio` must be in [0, 0.5), got {trim_ratio!r}")
+        self.num_clients = num_clients
+        self.clients_per_round = clients_per_round
+        self.local_steps = local_steps
+        self.partition = partition
+        self.dirichlet_alpha = dirichlet_alpha
+        self.label_column = label_column
+        self.client_column = client_column
+        self.drop_rate = drop_rate
+        self.aggregation = aggregation
+        self.trim_ratio = trim_ratio
+        self.seed = seed
+        self.wire_format = wire_format or WireFormat()
+        self.history_retention = history_retention
+        self.trainer: HiSoTrainer | None = None
+        self.server: FederatedServer | None = None
+        self.ledger: CommunicationLedger | None = None
+        self.clients: list[ClientBatches] = []
+        self.client_sizes: list[int] = []
+        self.rejected_reports = 0
+        self.dropped_reports = 0
+        self.empty_rounds = 0
+        self._fault_rng: np.random.Generator | None = None
+
+    # ---- wiring into the trainer ---------------------------------------------------------------------------------
+
+    def attach(self, trainer: HiSoTrainer) -> None:
+        """Called by `HiSoTrainer` when the callback is added: the round replaces the centralized step."""
+        args = trainer.args
+        if args.gradient_accumulation_steps != 1:
+            raise ValueError(
+                "`gradient_accumulation_steps` must be 1 with FederatedZOCallback: one Trainer step is one round; "
+                "raise `per_device_train_batch_size` (each client's batch) instead."
+            )
+        if args.world_size > 1:
+            raise ValueError(
+                "FederatedZOCallback simulates all clients in one process; under several processes use data-parallel "
+                "HiSoTrainer without it, or the Flower apps (hf_hiso.flower) for real federations."
+            )
+        self.trainer = trainer
+        trainer.zo_round_runner = self.run_round
+        trainer.zo_log_providers.append(self.log_dict)
+
+    def _setup(self, trainer: HiSoTrainer) -> None:
+        args = trainer.args
+        seed = args.seed if self.seed is None else self.seed
+        dataset = trainer.train_dataset
+        if dataset is None:
+            raise ValueError("FederatedZOCallback needs the trainer's `train_dataset` to split into clients.")
+        label_column = self.label_column
+        if label_column is None and self.partition == "dirichlet":
+            label_column = next((c for c in ("labels", "label") if c in dataset.column_names), "labels")
+        shards = partition_dataset(
+            dataset,
+            self.num_clients,
+            self.partition,
+            dirichlet_alpha=self.dirichlet_alpha,
+            label_column=label_column or "labels",
+            client_column=self.client_column,
+            seed=seed,
+        )
+        # The Trainer drops the columns the model's forward does not take before collating; do the same per client.
+        shards = [trainer._remove_unused_columns(s, description="training") for s in shards]
+        self.client_sizes = [len(s) for s in shards]
+        bs = args.per_device_train_batch_size
+        self.clients = [ClientBatches(s, trainer.data_collator, bs, seed, c) for c, s in enumerate(shards)]
+        self.server = FederatedServer(
+            self.num_clients,
+            self.clients_per_round,
+            self.local_steps,
+            seed=seed,
+            history_retention=self.history_retention,
+        )
+        opt = trainer.zo_optimizer
+        self.ledger = CommunicationLedger(
+            num_trainable_params=sum(p.numel() for p in opt.params),
+            num_directions=opt.num_directions,
+            local_steps=self.local_steps,
+            wire=self.wire_format,
+        )
+        self._fault_rng = np.random.default_rng([seed, 0xFA017])
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.trainer is None:
+            raise RuntimeError("FederatedZOCallback must be used with HiSoTrainer (pass it in `callbacks=`).")
+        self._setup(self.trainer)
+        resume = getattr(self.trainer, "zo_resume_from", None)
+        if resume:
+            path = os.path.join(resume, FEDERATED_STATE_NAME)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"{path} is missing: the checkpoint was not written by a federated HiSo run, so the federation "
+                    "(round, history, client positions, ledger) cannot be resumed."
+                )
+            self.load_state_dict(torch.load(path, weights_only=False))
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.server is None or not state.is_world_process_zero:
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isdir(folder):
+            torch.save(self.state_dict(), os.path.join(folder, FEDERATED_STATE_NAME))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.ledger is not None and self.ledger.rounds:
+            s = self.ledger.summary()
+            logger.info(
+                f"Federated HiSo: {s['rounds']} rounds, {s['bytes_uplink']} B uplink, "
+                f"{s['bytes_downlink']} B downlink; FedAvg would have moved {s['fedavg_bytes']} B "
+                f"({self.ledger.saving_factor:.3g}x more)."
+            )
+
+    # ---- one round ---------------------------------------------------------------------------------------------
+
+    def client_report(self, trainer: HiSoTrainer, model: torch.nn.Module, client: int, plan: RoundPlan):
+        """Runs `client`'s local steps from the current (round-start) parameters; returns its `(tau, P)` scalars and
+        its loss at the round-start model. The caller restores the parameters."""
+        opt = trainer.zo_optimizer
+        scalars = torch.empty(len(plan.seeds), opt.num_directions)
+        loss_at_start = None
+        for k, seed in enumerate(plan.seeds):
+            batch = trainer._prepare_inputs(self.clients[client].next_batch())
+            loss0, slopes, _ = opt.measure(trainer.zo_loss_fn(model, batch), seed)
+            loss_at_start = loss0 if loss_at_start is None else loss_at_start
+            scalars[k] = slopes
+            trainer.zo_record(slopes, forward_passes=trainer.zo_passes_per_step())
+            if k < len(plan.seeds) - 1:
+                # H is fixed inside a round: local steps move x only.
+                opt.apply_updates([PendingUpdate(seed, slopes)], update_hessian=False)
+        return scalars, loss_at_start
+
+    def run_round(self, trainer: HiSoTrainer, model: torch.nn.Module, inputs: Any) -> torch.Tensor:
+        """Replaces `HiSoTrainer.training_step`: one whole round (the Trainer's own batch is not used)."""
+        opt = trainer.zo_optimizer
+        plan = self.server.plan_round()
+        missed = {c: len(self.server.missed_rounds(c)) for c in plan.clients}
+        # In the simulation the shared replica already holds x_r, so catching up costs bytes (counted) but no
+        # compute; `protocol.replay` is what a real client runs, and the replica test checks it gives x_r.
+        start = [p.detach().clone() for p in opt.params] if self.local_steps > 1 else None
+        was_training = model.training
+        model.eval()
+        reports, losses, dropped = {}, {}, []
+        try:
+            for c in plan.clients:
+                if self.drop_rate and self._fault_rng.random() < self.drop_rate:
+                    dropped.append(c)
+                    continue
+                reports[c], losses[c] = self.client_report(trainer, model, c, plan)
+                if start is not None:
+                    with torch.no_grad():
+                        for p, s in zip(opt.params, start, strict=True):
+                            p.copy_(s)
+        finally:
+            model.train(was_training)
+        result = aggregate(reports, self.aggregation, self.trim_ratio)
+        if result.rejected:
+            logger.warning(
+                f"Round {plan.round_idx}: rejected non-finite scalars from clients {result.rejected}; they do not "
+                "reach the model."
+            )
+        self.rejected_reports += len(result.rejected)
+        self.dropped_reports += len(dropped)
+        if result.scalars is None:
+            self.empty_rounds += 1
+            logger.warning(f"Round {plan.round_idx}: no client reported usable scalars; the model does not move.")
+        else:
+            for k, seed in enumerate(plan.seeds):
+                opt.accumulate(seed, result.scalars[k])
+        self.server.commit_round(plan, result.scalars, [g["lr"] for g in opt.param_groups])
+        self.ledger.record_round(plan.round_idx, sorted(reports), missed, dropped=dropped)
+        kept = [losses[c] for c in result.accepted]
+        loss = torch.stack(kept).float().mean() if kept else torch.tensor(float("nan"))
+        return loss.detach().to(trainer.args.device)
+
+    # ---- logging, summary, checkpoints ---------------------------------------------------------------------------
+
+    def log_dict(self) -> dict[str, float]:
+        if self.ledger is None:
+            return {}
+        logs = self.ledger.log_dict(prefix="fed/")
+        logs["fed/rejected_reports"] = self.rejected_reports
+        logs["fed/dropped_reports"] = self.dropped_reports
+        logs["fed/empty_rounds"] = self.empty_rounds
+        return logs
+
+    def federation_summary(self) -> dict[str, Any]:
+        """Settings and totals of the federation, JSON-able (for model cards and reports)."""
+        out = {
+            "num_clients": self.num_clients,
+            "clients_per_round": self.clients_per_round,
+            "local_steps": self.local_steps,
+            "partition": self.partition,
+            "dirichlet_alpha": self.dirichlet_alpha if self.partition == "dirichlet" else None,
+            "aggregation": self.aggregation,
+            "drop_rate": self.drop_rate,
+            "client_sizes": list(self.client_sizes),
+            "rejected_reports": self.rejected_reports,
+            "dropped_reports": self.dropped_reports,
+        }
+        if self.ledger is not None:
+            out.update(self.ledger.summary())
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "server": self.server.state_dict(),
+            "ledger": self.ledger.state_dict(),
+            "clients": [c.state_dict() for c in self.clients],
+            "fault_rng": self._fault_rng.bit_generator.state,
+            "counters": {
+                "rejected_reports": self.rejected_reports,
+                "dropped_reports": self.dropped_reports,
+                "empty_rounds": self.empty_rounds,
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.server.load_state_dict(state["server"])
+        self.ledger.load_state_dict(state["ledger"])
+        for client, s in zip(self.clients, state["clients"], strict=True):
+            client.load_state_dict(s)
+        self._fault_rng.bit_generator.state = state["fault_rng"]
+        for k, v in state["counters"].items():
+            setattr(self, k, v)
