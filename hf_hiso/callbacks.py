@@ -10,6 +10,7 @@ the preconditioner update. Every byte that would travel is counted in a `Communi
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -67,6 +68,36 @@ class ClientBatches:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.offset, self._order = state["epoch"], state["offset"], None
+
+
+def client_local_steps(
+    trainer: HiSoTrainer, model: torch.nn.Module, batches: ClientBatches, seeds: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A client's part of a round: `len(seeds)` local HiSo steps from the current parameters on its next batches,
+    with `H` fixed. Returns the `(tau, P)` directional scalars (all the client uploads) and its loss at the
+    round-start model. The parameters are left at the end of the local trajectory (`x` after `tau - 1` local
+    updates); the caller restores or discards them. Shared by [`FederatedZOCallback`] and the Flower client
+    (`hf_hiso.flower`), so both run the same code.
+
+    With the curvature extension the report is `(tau, 2P)`: slopes, then curvature scalars (zeros on steps that
+    measure no curvature, which are not sent)."""
+    opt = trainer.zo_optimizer
+    with_curvature = opt.curvature is not None
+    scalars = torch.empty(len(seeds), opt.num_directions * (2 if with_curvature else 1))
+    loss_at_start = None
+    for k, seed in enumerate(seeds):
+        batch = trainer._prepare_inputs(batches.next_batch())
+        loss0, slopes, curvatures = opt.measure(trainer.zo_loss_fn(model, batch), seed)
+        loss_at_start = loss0 if loss_at_start is None else loss_at_start
+        scalars[k, : opt.num_directions] = slopes
+        if with_curvature:
+            measured = opt.curvature.is_curvature_step(seed)
+            scalars[k, opt.num_directions :] = curvatures if measured else 0.0
+        trainer.zo_record(slopes, forward_passes=trainer.zo_passes_per_step())
+        if k < len(seeds) - 1:
+            # H is fixed inside a round: local steps move x only.
+            opt.apply_updates([PendingUpdate(seed, slopes)], update_hessian=False)
+    return scalars, loss_at_start
 
 
 class FederatedZOCallback(TrainerCallback):
@@ -206,6 +237,8 @@ class FederatedZOCallback(TrainerCallback):
             num_directions=opt.num_directions,
             local_steps=self.local_steps,
             wire=self.wire_format,
+            # The curvature extension uploads a second-difference scalar beside each slope.
+            scalars_per_direction=1 if opt.curvature is None else 2,
         )
         self._fault_rng = np.random.default_rng([seed, 0xFA017])
 
@@ -242,21 +275,9 @@ class FederatedZOCallback(TrainerCallback):
     # ---- one round ---------------------------------------------------------------------------------------------
 
     def client_report(self, trainer: HiSoTrainer, model: torch.nn.Module, client: int, plan: RoundPlan):
-        """Runs `client`'s local steps from the current (round-start) parameters; returns its `(tau, P)` scalars and
-        its loss at the round-start model. The caller restores the parameters."""
-        opt = trainer.zo_optimizer
-        scalars = torch.empty(len(plan.seeds), opt.num_directions)
-        loss_at_start = None
-        for k, seed in enumerate(plan.seeds):
-            batch = trainer._prepare_inputs(self.clients[client].next_batch())
-            loss0, slopes, _ = opt.measure(trainer.zo_loss_fn(model, batch), seed)
-            loss_at_start = loss0 if loss_at_start is None else loss_at_start
-            scalars[k] = slopes
-            trainer.zo_record(slopes, forward_passes=trainer.zo_passes_per_step())
-            if k < len(plan.seeds) - 1:
-                # H is fixed inside a round: local steps move x only.
-                opt.apply_updates([PendingUpdate(seed, slopes)], update_hessian=False)
-        return scalars, loss_at_start
+        """Runs `client`'s local steps from the current (round-start) parameters ([`client_local_steps`]); returns its
+        `(tau, P)` scalars and its loss at the round-start model. The caller restores the parameters."""
+        return client_local_steps(trainer, model, self.clients[client], plan.seeds)
 
     def run_round(self, trainer: HiSoTrainer, model: torch.nn.Module, inputs: Any) -> torch.Tensor:
         """Replaces `HiSoTrainer.training_step`: one whole round (the Trainer's own batch is not used)."""
@@ -292,10 +313,17 @@ class FederatedZOCallback(TrainerCallback):
         if result.scalars is None:
             self.empty_rounds += 1
             logger.warning(f"Round {plan.round_idx}: no client reported usable scalars; the model does not move.")
-        else:
+        slopes, curvatures = result.scalars, None
+        if result.scalars is not None and opt.curvature is not None:
+            slopes, curvatures = result.scalars.split(opt.num_directions, dim=1)
+            slopes, curvatures = slopes.contiguous(), curvatures.clone()
             for k, seed in enumerate(plan.seeds):
-                opt.accumulate(seed, result.scalars[k])
-        self.server.commit_round(plan, result.scalars, [g["lr"] for g in opt.param_groups])
+                if not opt.curvature.is_curvature_step(seed):
+                    curvatures[k] = float("nan")
+        if slopes is not None:
+            for k, seed in enumerate(plan.seeds):
+                opt.accumulate(seed, slopes[k], None if curvatures is None else curvatures[k])
+        self.server.commit_round(plan, slopes, [g["lr"] for g in opt.param_groups], curvatures)
         self.ledger.record_round(plan.round_idx, sorted(reports), missed, dropped=dropped)
         kept = [losses[c] for c in result.accepted]
         loss = torch.stack(kept).float().mean() if kept else torch.tensor(float("nan"))

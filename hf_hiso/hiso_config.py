@@ -7,6 +7,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from .curvature import BLOCKINGS, check_curvature_settings
 from .zo_optimizer import check_zo_settings
 
 
@@ -64,6 +65,60 @@ class ZOArguments:
         default=False,
         metadata={"help": "Skip and count a step with NaN/inf scalars instead of raising an error."},
     )
+    zo_curvature: bool = field(
+        default=False,
+        metadata={
+            "help": "Extension beyond the paper (off by default): replace HiSo's H by a per-block curvature "
+            "preconditioner learned from second-difference scalars c = (f(x+mu z) + f(x-mu z) - 2 f(x)) / mu**2. "
+            "Curvature steps use central differences (2P + 1 passes) and send one more scalar per direction."
+        },
+    )
+    zo_curvature_rule: str = field(
+        default="newton",
+        metadata={
+            "help": "How block preconditioner values follow the learned scalars: 'newton' (H_b proportional to the "
+            "block curvature theta_b) or 'gain' (directions weighted by gradient energy per unit of curvature, "
+            "gamma_b / theta_b, also learned from the scalars: blocks with little gradient are perturbed less).",
+            "choices": ["newton", "gain"],
+        },
+    )
+    zo_curvature_blocks: str = field(
+        default="tensor",
+        metadata={
+            "help": "Blocks of the curvature preconditioner: 'tensor' (one per trainable tensor) or 'group' (one per "
+            "optimizer parameter group).",
+            "choices": list(BLOCKINGS),
+        },
+    )
+    zo_curvature_every: int = field(
+        default=1,
+        metadata={
+            "help": "Measure curvature on a seed-chosen 1/k of the steps (k=1: every step). The others cost P + 1 "
+            "passes with forward differences instead of 2P + 1."
+        },
+    )
+    zo_curvature_forget: float = field(
+        default=0.99,
+        metadata={"help": "Forgetting factor of the curvature regression per curvature step, in (0, 1]."},
+    )
+    zo_curvature_floor: float = field(
+        default=1e-2,
+        metadata={"help": "Smallest block curvature used, relative to the mean curvature over entries, in (0, 1]."},
+    )
+    zo_curvature_spread: float = field(
+        default=0.75,
+        metadata={
+            "help": "Half-width w of the random per-block factors a**2 ~ U[1-w, 1+w] of curvature steps, in [0, 1]; "
+            "they make block contributions vary between directions (0 turns them off)."
+        },
+    )
+    zo_curvature_prior: float = field(
+        default=1.0,
+        metadata={
+            "help": "Weight (> 0, in pseudo-rows per block) of the shrinkage of block curvatures toward their pooled "
+            "value; it fades as regression rows come in."
+        },
+    )
 
     def check_zo(self) -> None:
         check_zo_settings(
@@ -75,6 +130,17 @@ class ZOArguments:
             hessian_update=self.zo_hessian_update,
             generator=self.zo_generator,
             prefix="zo_",
+        )
+        if self.zo_curvature_blocks not in BLOCKINGS:
+            raise ValueError(f"`zo_curvature_blocks` must be one of {BLOCKINGS}, got {self.zo_curvature_blocks!r}")
+        check_curvature_settings(
+            every=self.zo_curvature_every,
+            forget=self.zo_curvature_forget,
+            floor=self.zo_curvature_floor,
+            spread=self.zo_curvature_spread,
+            prior=self.zo_curvature_prior,
+            rule=self.zo_curvature_rule,
+            prefix="zo_curvature_",
         )
 
     @classmethod
@@ -97,6 +163,14 @@ class ZOArguments:
             "cache_directions": self.zo_cache_directions,
             "skip_nonfinite": self.zo_skip_nonfinite,
             "seed": seed,
+            "curvature": self.zo_curvature,
+            "curvature_blocks": self.zo_curvature_blocks,
+            "curvature_every": self.zo_curvature_every,
+            "curvature_forget": self.zo_curvature_forget,
+            "curvature_floor": self.zo_curvature_floor,
+            "curvature_spread": self.zo_curvature_spread,
+            "curvature_prior": self.zo_curvature_prior,
+            "curvature_rule": self.zo_curvature_rule,
         }
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
@@ -128,6 +129,27 @@ class HiSoTrainer(Trainer):
             zo.scalar_reduce = self._mean_over_processes
         return optimizer
 
+    def _wrap_model(self, model: nn.Module, training: bool = True, dataloader: Any = None) -> nn.Module:
+        """Under data parallelism the model is prepared without `DistributedDataParallel`.
+
+        HiSo never runs a backward pass, so DDP would only add its gradient buckets (a copy of the trainable parameters
+        in device memory) and a buffer broadcast; the one all-reduce per step is the optimizer's, over the P scalars.
+        What DDP does that HiSo needs, identical replicas at the start, is done here once: parameters and buffers are
+        broadcast from process 0, so a head initialised differently on each process cannot make the replicas drift.
+        The prepared model is the model itself, so the Trainer's own `accelerator.prepare` leaves it as it is.
+        """
+        model = super()._wrap_model(model, training, dataloader)
+        acc = self.accelerator
+        ddp_would_wrap = acc.multi_device or acc.distributed_type == DistributedType.MULTI_CPU
+        prepared = getattr(model, "_is_accelerate_prepared", False)
+        if training and model is self.model and ddp_would_wrap and not prepared:
+            model = acc.prepare_model(model, evaluation_mode=True)
+            if acc.num_processes > 1:
+                with torch.no_grad():
+                    for tensor in [*model.parameters(), *model.buffers()]:
+                        torch.distributed.broadcast(tensor.data, src=0)
+        return model
+
     def _mean_over_processes(self, scalars: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(scalars.to(self.accelerator.device), reduction="mean").cpu()
 
@@ -136,14 +158,17 @@ class HiSoTrainer(Trainer):
     def zo_loss_scale(self, loss_fn: Callable, num_items_in_batch: Any) -> float:
         """The factor that makes the summed scalars of the micro-batches of one optimizer step equal the scalars of
         the whole batch: `1` when the loss is already normalised by `num_items_in_batch` (the whole step's item
-        count), `1 / micro-batches` when it is a per-micro-batch mean.
+        count), `1 / micro-batches` when it is a per-micro-batch mean (and `1 / (micro-batches * processes)` when
+        `compute_loss` also multiplied that mean by the process count, see `zo_compute_loss_process_factor`).
 
         The Trainer infers the first case from the model's signature (`**kwargs`), which is wrong for models that
         accept the keyword but ignore it (e.g. `BertForSequenceClassification`): with gradient accumulation their
         loss would count twice. So, once per run, the loss is evaluated with and without `num_items_in_batch`; if
         both agree, the model ignores it.
         """
-        if self.current_gradient_accumulation_steps == 1:
+        ga = self.current_gradient_accumulation_steps
+        dp = self.zo_compute_loss_process_factor(num_items_in_batch)
+        if ga == 1 and dp == 1:
             return 1.0
         if self.loss_is_scaled_for_ga is not None:
             scaled = self.loss_is_scaled_for_ga
@@ -155,9 +180,24 @@ class HiSoTrainer(Trainer):
             if self._zo_model_uses_num_items is None:
                 with_items = loss_fn()
                 without_items = loss_fn(num_items_in_batch=None)
-                self._zo_model_uses_num_items = not torch.allclose(with_items, without_items)
+                # `compute_loss` multiplies by `dp` only when it is given `num_items_in_batch`.
+                self._zo_model_uses_num_items = not torch.allclose(with_items, without_items * dp)
             scaled = self._zo_model_uses_num_items
-        return 1.0 if scaled else 1.0 / self.current_gradient_accumulation_steps
+        return 1.0 if scaled else 1.0 / (ga * dp)
+
+    def zo_compute_loss_process_factor(self, num_items_in_batch: Any) -> int:
+        """The factor by which `Trainer.compute_loss` multiplies the loss under data parallelism: the process count
+        when `average_tokens_across_devices=True` (the plain `TrainingArguments` default) and it believes the loss was
+        normalised by the item count of all processes, else 1. Right for models that use `num_items_in_batch` (the
+        mean over processes is then the loss of the combined batch); for models that ignore it, the scalars (and the
+        logged loss) would be that many times too large, so `zo_loss_scale` divides it out."""
+        if not (
+            self.args.average_tokens_across_devices
+            and (self.model_accepts_loss_kwargs or self.compute_loss_func)
+            and num_items_in_batch is not None
+        ):
+            return 1
+        return self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
 
     def zo_loss_fn(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Callable:
         """A closure evaluating the Trainer's loss (`compute_loss`, so `compute_loss_func` and label smoothing apply)
@@ -165,7 +205,9 @@ class HiSoTrainer(Trainer):
 
         def loss_fn(**override: Any) -> torch.Tensor:
             with self.compute_loss_context_manager():
-                loss = self.compute_loss(model, inputs, **{"num_items_in_batch": num_items_in_batch, **override})
+                # A copy: `compute_loss` pops "labels" when `compute_loss_func` or label smoothing is set, and the
+                # closure is called P + 1 times on the same batch.
+                loss = self.compute_loss(model, dict(inputs), **{"num_items_in_batch": num_items_in_batch, **override})
             if self.args.n_gpu > 1:
                 loss = loss.mean()
             return loss
@@ -202,6 +244,10 @@ class HiSoTrainer(Trainer):
         return (loss0 * scale).detach().to(self.args.device)
 
     def zo_passes_per_step(self) -> int:
+        opt = unwrap_optimizer(self.optimizer)
+        if opt is not None and opt.last_forward_passes is not None:
+            # The optimizer counts its own loss evaluations (they vary by step with the curvature extension).
+            return opt.last_forward_passes
         p = self.zo_args.zo_num_directions
         return p + 1 if self.zo_args.zo_difference == "forward" else 2 * p + 1
 
@@ -232,3 +278,62 @@ class HiSoTrainer(Trainer):
             for provider in self.zo_log_providers:
                 logs.update(provider())
         super().log(logs, start_time)
+
+    # ---- model card, saving, Hub ------------------------------------------------------------------------------------
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+        baseline_metrics: dict[str, float] | None = None,
+    ) -> None:
+        """Writes `README.md` (and its inputs, `hiso_card.json`) into `args.output_dir` from hf_hiso's card template:
+        front matter (base model, datasets, library, tags, `model-index`), how to load the model or adapter, the
+        `zo_*` settings, the federation and the bytes it communicated, the metrics, versions and the HiSo citation.
+        Arguments as [`~transformers.Trainer.create_model_card`], plus `baseline_metrics` (a `trainer.evaluate()`
+        from before training, shown beside the final metrics); they are remembered for the cards of later saves."""
+        from .model_card import write_trainer_model_card
+
+        write_trainer_model_card(
+            self,
+            self.args.output_dir,
+            language=language,
+            license=license,
+            tags=tags,
+            model_name=model_name,
+            finetuned_from=finetuned_from,
+            tasks=tasks,
+            dataset_tags=dataset_tags,
+            dataset=dataset,
+            dataset_args=dataset_args,
+            baseline_metrics=baseline_metrics,
+        )
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """[`~transformers.Trainer.save_model`], plus the model card in the same folder (so checkpoints carry one
+        too). The Hub token is wrapped first so that the saved `training_args.bin` never contains it."""
+        from .model_card import protect_hub_token, write_trainer_model_card
+
+        protect_hub_token(self.args)
+        super().save_model(output_dir, _internal_call)
+        write_trainer_model_card(self, output_dir if output_dir is not None else self.args.output_dir)
+
+    def push_to_hub(self, *args: Any, **kwargs: Any):
+        """[`~transformers.Trainer.push_to_hub`], with the local save done before any network call and a failed upload
+        raised as a [`~hf_hiso.model_card.HubUploadError`] that says where the complete local save is."""
+        from .model_card import hub_upload_error, protect_hub_token
+
+        protect_hub_token(self.args)
+        if self.hub_model_id is None:  # the repository is created first: save before contacting the Hub
+            self.save_model(_internal_call=True)
+        try:
+            return super().push_to_hub(*args, **kwargs)
+        except Exception as err:
+            raise hub_upload_error(err, self.args.output_dir) from err

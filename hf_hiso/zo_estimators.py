@@ -20,6 +20,9 @@ MASK64 = (1 << 64) - 1
 
 GENERATORS = ("cpu", "device")
 DIFFERENCES = ("forward", "central")
+# Tensors from this size on (256 KiB in float32) are drawn into reused scratch buffers: the C allocator maps such
+# blocks fresh from the OS, page faults included, while smaller ones come cheaply from its heap.
+SCRATCH_MIN_NUMEL = 1 << 16
 
 
 def _splitmix64(x: int) -> int:
@@ -77,6 +80,11 @@ class DirectionSource:
     for the current step (memory `P * d`, one generation per direction instead of three).
 
     The cache holds `u_p` (not `z_p`), keyed by the step seed, so it stays valid when `H` changes inside a step.
+
+    [`perturb_`] and [`aggregated_directions`] read directions through [`DirectionSource.transient`], which draws
+    large tensors into scratch buffers kept by the source (one per device and dtype, as large as the largest tensor):
+    on CPU a fresh tensor of that size costs page faults on every allocation, about half as much again as drawing its
+    numbers.
     """
 
     def __init__(self, generator: str = "cpu", cache: bool = False):
@@ -86,25 +94,76 @@ class DirectionSource:
         self.cache = cache
         self._cached_seed: int | None = None
         self._cached: dict[int, list[torch.Tensor]] = {}
+        self._scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def clear(self) -> None:
         self._cached_seed = None
         self._cached = {}
 
-    def direction(
-        self, params: Sequence[torch.Tensor], seed: int, index: int, scales: Sequence[torch.Tensor] | None = None
-    ) -> Iterator[torch.Tensor]:
-        if not self.cache:
-            yield from iter_direction(params, seed, index, scales, self.generator)
-            return
+    def _cached_direction(self, params: Sequence[torch.Tensor], seed: int, index: int) -> list[torch.Tensor]:
         if self._cached_seed != seed:
             self.clear()
             self._cached_seed = seed
         us = self._cached.get(index)
         if us is None:
             us = self._cached[index] = list(iter_direction(params, seed, index, None, self.generator))
-        for i, u in enumerate(us):
+        return us
+
+    def _buffer(self, shape: torch.Size, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        numel = shape.numel()
+        buf = self._scratch.get((device, dtype))
+        if buf is None or buf.numel() < numel:
+            buf = self._scratch[(device, dtype)] = torch.empty(numel, device=device, dtype=dtype)
+        return buf[:numel].view(shape)
+
+    def direction(
+        self, params: Sequence[torch.Tensor], seed: int, index: int, scales: Sequence[torch.Tensor] | None = None
+    ) -> Iterator[torch.Tensor]:
+        """Yields `z_p` tensor by tensor as new tensors (a cached `u_p` itself when `scales` is `None`: do not modify
+        it in place)."""
+        if not self.cache:
+            yield from iter_direction(params, seed, index, scales, self.generator)
+            return
+        for i, u in enumerate(self._cached_direction(params, seed, index)):
             yield u if scales is None else u * scales[i]
+
+    def transient(
+        self, params: Sequence[torch.Tensor], seed: int, index: int, scales: Sequence[torch.Tensor] | None = None
+    ) -> Iterator[torch.Tensor]:
+        """Yields the same numbers as [`DirectionSource.direction`], in scratch buffers that the next tensor yielded
+        by any `transient` stream of this source overwrites: for consumers that use each tensor at once and never
+        modify it in place."""
+        if self.cache:
+            for i, u in enumerate(self._cached_direction(params, seed, index)):
+                if scales is None:
+                    yield u
+                elif u.numel() < SCRATCH_MIN_NUMEL:
+                    yield u * scales[i]
+                else:
+                    yield torch.mul(u, scales[i], out=self._buffer(u.shape, u.device, u.dtype))
+            return
+        gens: dict[torch.device, torch.Generator] = {}
+        dseed = direction_seed(seed, index)
+        for i, p in enumerate(params):
+            dev = torch.device("cpu") if self.generator == "cpu" else p.device
+            gen = gens.get(dev)
+            if gen is None:
+                gen = gens[dev] = torch.Generator(device=dev).manual_seed(dseed)
+            large = p.numel() >= SCRATCH_MIN_NUMEL
+            if large and dev.type == "cpu":
+                # `normal_` on a contiguous float32 tensor draws exactly the numbers of `torch.randn` (tested).
+                u = self._buffer(p.shape, dev, torch.float32).normal_(generator=gen)
+            else:
+                # Accelerator allocators recycle memory without page faults; keep the reference call there.
+                u = torch.randn(p.shape, generator=gen, device=dev, dtype=torch.float32)
+            if u.device != p.device or u.dtype != p.dtype:
+                if large and p.device.type == "cpu":
+                    u = self._buffer(p.shape, p.device, p.dtype).copy_(u)
+                else:
+                    u = u.to(device=p.device, dtype=p.dtype, non_blocking=True)
+            if scales is not None:
+                u.mul_(scales[i])
+            yield u
 
 
 @torch.no_grad()
@@ -117,7 +176,7 @@ def perturb_(
     scales: Sequence[torch.Tensor] | None = None,
 ) -> None:
     """In place: `x <- x + alpha * z_p`."""
-    for p, z in zip(params, source.direction(params, seed, index, scales), strict=True):
+    for p, z in zip(params, source.transient(params, seed, index, scales), strict=True):
         p.add_(z, alpha=alpha)
 
 
@@ -189,14 +248,14 @@ def aggregated_directions(
     source = source or DirectionSource()
     num_directions = len(coefficients)
     coeffs = [float(c) / num_directions for c in coefficients]
-    streams = [source.direction(params, seed, index, scales) for index in range(num_directions)]
+    streams = [source.transient(params, seed, index, scales) for index in range(num_directions)]
     for _ in params:
         v = None
         for stream, c in zip(streams, coeffs, strict=True):
             z = next(stream)
             if v is None:
-                # A cached direction must not be scaled in place: it is reused by later micro-batches.
-                v = z * c if source.cache else z.mul_(c)
+                # A new tensor: `z` is a scratch buffer (or a cached direction), and callers may keep `v`.
+                v = z * c
             else:
                 v.add_(z, alpha=c)
         yield v

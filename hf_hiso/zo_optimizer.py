@@ -20,6 +20,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .curvature import (
+    BlockCurvature,
+    block_aggregated_directions,
+    block_directional_scalars,
+    check_curvature_settings,
+)
 from .zo_estimators import (
     DIFFERENCES,
     GENERATORS,
@@ -74,6 +80,13 @@ class HiSoOptimizer(torch.optim.Optimizer):
             perturbation, the restoration and the update.
         seed: base seed of the centralized step seeds `s_t = step_seed(seed, t)`.
         skip_nonfinite: skip (and count) a step whose scalars are not finite instead of raising.
+        curvature: replace HiSo's diagonal `H` by the block curvature preconditioner learned from second-difference
+            scalars (`hf_hiso.curvature`, an extension; off by default). Curvature steps are measured with central
+            differences and report one curvature scalar per direction beside the slope.
+        curvature_blocks: `"tensor"` (one block per trainable tensor), `"group"` (per parameter group) or a block id
+            per tensor.
+        curvature_every, curvature_forget, curvature_floor, curvature_spread, curvature_prior, curvature_rule: see
+            [`~hf_hiso.curvature.BlockCurvature`].
     """
 
     def __init__(
@@ -93,6 +106,14 @@ class HiSoOptimizer(torch.optim.Optimizer):
         cache_directions: bool = False,
         seed: int = 42,
         skip_nonfinite: bool = False,
+        curvature: bool = False,
+        curvature_blocks: str | Sequence[int] = "tensor",
+        curvature_every: int = 1,
+        curvature_forget: float = 0.99,
+        curvature_floor: float = 1e-2,
+        curvature_spread: float = 0.75,
+        curvature_prior: float = 1.0,
+        curvature_rule: str = "newton",
     ):
         check_zo_settings(
             zo_eps=zo_eps,
@@ -105,6 +126,16 @@ class HiSoOptimizer(torch.optim.Optimizer):
         )
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
+        curvature_kwargs = {
+            "every": curvature_every,
+            "forget": curvature_forget,
+            "floor": curvature_floor,
+            "spread": curvature_spread,
+            "prior": curvature_prior,
+            "rule": curvature_rule,
+        }
+        if curvature:
+            check_curvature_settings(**curvature_kwargs)
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
         self.zo_eps = zo_eps
         self.num_directions = num_directions
@@ -122,6 +153,14 @@ class HiSoOptimizer(torch.optim.Optimizer):
         self.state["hiso"] = {"step": 0, "seed": int(seed), "skipped_steps": 0}
         self.last_loss: float | None = None
         self.last_slopes: torch.Tensor | None = None
+        # Loss evaluations of the last `measure` (P + 1 or 2P + 1; varies by step with the curvature extension).
+        self.last_forward_passes: int | None = None
+        self.curvature: BlockCurvature | None = None
+        if curvature:
+            self.curvature = BlockCurvature.for_params(
+                self.params, self.param_groups, curvature_blocks, **curvature_kwargs
+            )
+            self.state["curvature"] = self.curvature.init_state()
 
     # ---- parameters and preconditioner -------------------------------------------------------------------------
 
@@ -139,8 +178,9 @@ class HiSoOptimizer(torch.optim.Optimizer):
         return step_seed(self.state["hiso"]["seed"], self.state["hiso"]["step"])
 
     def hessian(self) -> list[torch.Tensor] | None:
-        """`H` per tensor (created lazily as ones), or `None` without a preconditioner."""
-        if not self.preconditioner:
+        """`H` per tensor (created lazily as ones), or `None` without HiSo's diagonal preconditioner (off, or
+        replaced by the block curvature one: see `block_hessian`)."""
+        if not self.preconditioner or self.curvature is not None:
             return None
         out = []
         for p in self.params:
@@ -152,13 +192,30 @@ class HiSoOptimizer(torch.optim.Optimizer):
 
     def scales(self) -> list[torch.Tensor] | None:
         """`H ** -0.5` per tensor in the parameters' dtype, cached until `H` changes."""
+        if self.curvature is not None:
+            base = self.state["curvature"]["hessian"].rsqrt()
+            return [base[b].to(p.dtype) for b, p in zip(self.curvature.block_of, self.params, strict=True)]
         if not self.preconditioner:
             return None
         if self._scales is None:
             self._scales = [h.rsqrt().to(p.dtype) for h, p in zip(self.hessian(), self.params, strict=True)]
         return self._scales
 
+    def block_hessian(self) -> dict[str, torch.Tensor] | None:
+        """With `curvature=True`: copies of the learned block curvature `theta` and the preconditioner `H_b` (one
+        value per block), plus the block of each tensor; `None` otherwise."""
+        if self.curvature is None:
+            return None
+        state = self.state["curvature"]
+        return {
+            "theta": state["theta"].clone(),
+            "hessian": state["hessian"].clone(),
+            "block_of": torch.tensor(self.curvature.block_of),
+        }
+
     def hessian_stats(self) -> dict[str, float]:
+        if self.curvature is not None:
+            return self.curvature.stats(self.state["curvature"])
         hs = self.hessian()
         if hs is None:
             return {}
@@ -171,6 +228,14 @@ class HiSoOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
+        if self.curvature is not None:
+            if "curvature" not in self.state:
+                raise ValueError("The checkpoint holds no curvature state, but this optimizer has `curvature=True`.")
+            # An own copy: torch keeps non-parameter state by reference, and the source may go on training.
+            self.state["curvature"] = {
+                k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in self.state["curvature"].items()
+            }
+            self.curvature.check_state(self.state["curvature"])
         self._scales = None
         self.source.clear()
 
@@ -183,6 +248,10 @@ class HiSoOptimizer(torch.optim.Optimizer):
         """Directional scalars at the current parameters along the directions of `seed` (default: the current step's
         seed). The parameters are perturbed in place and restored. Returns `(f(x), slopes, curvatures)`."""
         seed = self.current_seed() if seed is None else seed
+        if self.curvature is not None:
+            return self._measure_blocks(loss_fn, seed, loss0)
+        per_direction = 1 if self.difference == "forward" else 2
+        self.last_forward_passes = per_direction * self.num_directions + (1 if loss0 is None else 0)
         return directional_scalars(
             loss_fn,
             self.params,
@@ -194,6 +263,23 @@ class HiSoOptimizer(torch.optim.Optimizer):
             source=self.source,
             loss0=loss0,
         )
+
+    def _measure_blocks(
+        self, loss_fn: Callable[[], torch.Tensor], seed: int, loss0: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # Curvature steps need f(x - mu z) for the second difference, whatever `difference` says; other steps keep
+        # the configured difference and report no curvature.
+        est = self.curvature
+        curvature_step = est.is_curvature_step(seed)
+        central = curvature_step or self.difference == "central"
+        scales = est.direction_scales(self.state["curvature"], seed, self.num_directions)
+        loss0, slopes, curvatures, passes = block_directional_scalars(
+            loss_fn, self.params, seed, scales, self.zo_eps, central, self.source, loss0=loss0
+        )
+        self.last_forward_passes = passes
+        if not curvature_step:
+            curvatures = torch.full_like(curvatures, float("nan"))
+        return loss0, slopes, curvatures
 
     def accumulate(self, seed: int, slopes: torch.Tensor, curvatures: torch.Tensor | None = None) -> None:
         """Queues scalars for `step()`. Consecutive calls with the same seed are summed (gradient accumulation: the
@@ -227,6 +313,12 @@ class HiSoOptimizer(torch.optim.Optimizer):
             stacked = self.scalar_reduce(torch.stack([u.slopes for u in pending]))
             for u, row in zip(pending, stacked, strict=True):
                 u.slopes = row.float().cpu()
+            if self.curvature is not None:
+                # Curvature scalars are averaged over processes like the slopes (NaN where not measured).
+                nan = torch.full((self.num_directions,), float("nan"))
+                curv = [nan if u.curvatures is None else u.curvatures for u in pending]
+                for u, row in zip(pending, self.scalar_reduce(torch.stack(curv)), strict=True):
+                    u.curvatures = row.float().cpu()
         if not all(bool(torch.isfinite(u.slopes).all()) for u in pending):
             self.state["hiso"]["skipped_steps"] += 1
             if not self.skip_nonfinite:
@@ -249,6 +341,9 @@ class HiSoOptimizer(torch.optim.Optimizer):
         the last (or every) `v_k`. Clients of a federated round call this with `update_hessian=False`."""
         if not updates:
             return
+        if self.curvature is not None:
+            self._apply_block_updates(updates, update_hessian)
+            return
         params = self.params
         scales = self.scales()
         lrs = [group["lr"] for group in self.param_groups for _ in group["params"]]
@@ -267,6 +362,40 @@ class HiSoOptimizer(torch.optim.Optimizer):
                 for v in targets:
                     hs[i].mul_(beta).add_(v.float().square().add_(eps), alpha=1.0 - beta)
         if hs is not None:
+            self._scales = None
+
+    @torch.no_grad()
+    def _apply_block_updates(self, updates: Sequence[PendingUpdate], update_hessian: bool) -> None:
+        """`apply_updates` with the block curvature preconditioner: each step's directions carry its own
+        per-direction block factors, and, if asked, every curvature step of `updates` adds its rows to the
+        regression (with the features gathered while the directions are regenerated for the update)."""
+        est, state = self.curvature, self.state["curvature"]
+        params = self.params
+        lrs = [group["lr"] for group in self.param_groups for _ in group["params"]]
+        wds = [group["weight_decay"] for group in self.param_groups for _ in group["params"]]
+        norms: list[torch.Tensor | None] = []
+        streams = []
+        for u in updates:
+            learn = update_hessian and est.is_curvature_step(u.seed) and u.curvatures is not None
+            norms.append(torch.zeros(len(u.slopes), len(params), dtype=torch.float64) if learn else None)
+            scales = est.direction_scales(state, u.seed, len(u.slopes))
+            streams.append(block_aggregated_directions(params, u.seed, u.slopes, scales, self.source, norms[-1]))
+        for i, p in enumerate(params):
+            for stream in streams:
+                v = next(stream)
+                if wds[i]:
+                    p.mul_(1.0 - lrs[i] * wds[i])
+                p.add_(v, alpha=-lrs[i])
+        # The features use H before this update (the one the directions were measured with), so they are computed
+        # for every step first; H changes only after all of them.
+        rows = [
+            (est.features(state, u.seed, n), u.curvatures, u.slopes)
+            for u, n in zip(updates, norms, strict=True)
+            if n is not None
+        ]
+        for features, curvatures, slopes in rows:
+            est.update(state, features, curvatures, slopes)
+        if rows:
             self._scales = None
 
 

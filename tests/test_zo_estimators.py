@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from hf_hiso.zo_estimators import (
+    SCRATCH_MIN_NUMEL,
     DirectionSource,
     aggregated_directions,
     direction_seed,
@@ -116,6 +117,23 @@ def test_cache_is_not_corrupted_by_aggregation():
     list(aggregated_directions(params, 1, torch.tensor([3.0]), None, src))
     perturb_(params, src, 1, 0, 1.0)
     torch.testing.assert_close(next(src.direction(params, 1, 0)), first[0])
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_transient_directions_equal_fresh_ones(cache):
+    # perturb_ and aggregated_directions draw large tensors into reused scratch buffers: the numbers must be exactly
+    # those of iter_direction, for small tensors and large ones, a buffer grown and then viewed smaller, a float64
+    # parameter (drawn in float32, then converted), and streams read in turn (as the aggregation reads them).
+    big = SCRATCH_MIN_NUMEL
+    params = [torch.zeros(3), torch.zeros(big + 7), torch.zeros(big), torch.zeros(big, dtype=torch.float64)]
+    scales = [torch.full_like(p, 0.5) + torch.rand(p.shape, dtype=p.dtype) for p in params]
+    src = DirectionSource(cache=cache)
+    for use_scales in (None, scales):
+        fresh = [list(iter_direction(params, 11, index, use_scales)) for index in range(2)]
+        streams = [src.transient(params, 11, index, use_scales) for index in range(2)]
+        for i in range(len(params)):
+            for index, stream in enumerate(streams):
+                assert torch.equal(next(stream), fresh[index][i])
 
 
 def test_unknown_generator_and_difference():

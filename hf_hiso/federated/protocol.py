@@ -8,6 +8,10 @@ Used by `FederatedZOCallback` (in-process simulation) and by the Flower apps, so
   `(tau, P)` tensor of directional scalars;
 * the server aggregates them (`aggregate`), and every party applies `x_{r+1} = x_r - (lr / P) sum_k sum_p gbar z`
   followed by the preconditioner update; the round's `(seeds, gbar, lr)` joins the history (`RoundRecord`).
+
+With the block curvature extension (`hf_hiso.curvature`) each client also reports a `(tau, P)` tensor of curvature
+scalars; they are averaged like the slopes, kept in the record (`curvatures`) and replayed, since they drive the
+preconditioner that every replica must rebuild.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ class RoundRecord:
     seeds: list[int]
     scalars: torch.Tensor | None
     lrs: list[float]
+    # Averaged curvature scalars `(tau, P)` of the curvature extension (NaN rows: steps without curvature), or `None`.
+    curvatures: torch.Tensor | None = None
 
 
 @dataclass
@@ -128,10 +134,17 @@ class FederatedServer:
             raise RuntimeError(f"History of rounds {missing} was discarded but client {client} still needs it.")
         return [self.history[r] for r in self.missed_rounds(client)]
 
-    def commit_round(self, plan: RoundPlan, scalars: torch.Tensor | None, lrs: Sequence[float]) -> RoundRecord:
+    def commit_round(
+        self,
+        plan: RoundPlan,
+        scalars: torch.Tensor | None,
+        lrs: Sequence[float],
+        curvatures: torch.Tensor | None = None,
+    ) -> RoundRecord:
         """Closes the round: appends it to the history, marks the sampled clients synchronised to `x_r` (they
-        received the catch-up and the seeds) and discards history no client needs any more."""
-        record = RoundRecord(plan.round_idx, list(plan.seeds), scalars, [float(lr) for lr in lrs])
+        received the catch-up and the seeds) and discards history no client needs any more. `curvatures` are the
+        averaged curvature scalars of the curvature extension."""
+        record = RoundRecord(plan.round_idx, list(plan.seeds), scalars, [float(lr) for lr in lrs], curvatures)
         self.history[plan.round_idx] = record
         for c in plan.clients:
             self.last_sync[c] = plan.round_idx
@@ -149,6 +162,7 @@ class FederatedServer:
             "last_sync": list(self.last_sync),
             "history": [
                 {"round_idx": h.round_idx, "seeds": h.seeds, "scalars": h.scalars, "lrs": h.lrs}
+                | ({} if h.curvatures is None else {"curvatures": h.curvatures})
                 for h in self.history.values()
             ],
         }
@@ -176,7 +190,11 @@ def check_federation(num_clients: int, clients_per_round: int, local_steps: int)
 
 def round_updates(record: RoundRecord) -> list[PendingUpdate]:
     assert record.scalars is not None
-    return [PendingUpdate(seed, record.scalars[k].clone()) for k, seed in enumerate(record.seeds)]
+    curv = record.curvatures
+    return [
+        PendingUpdate(seed, record.scalars[k].clone(), None if curv is None else curv[k].clone())
+        for k, seed in enumerate(record.seeds)
+    ]
 
 
 @torch.no_grad()

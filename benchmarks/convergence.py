@@ -1,0 +1,617 @@
+"""Convergence benchmark: HiSo vs DeComFL vs MeZO vs first-order FedAvg on the embedded tasks.
+
+Model and trainable set (see BENCHMARKS.md for why): the packaged all-MiniLM-L6-v2 as
+`BertForSequenceClassification`, encoder frozen, the head (pooler + classifier, or the classifier alone) trained. The
+frozen encoder's `[CLS]` states are cached (`common.FrozenEncoderHead`; identical to the full model's forward up to
+float32 rounding, checked by `--check-cache` and the slow test).
+
+Methods, all on the same client splits, client batches, sampled clients and round seeds for a given run seed:
+
+* `hiso`: `HiSoTrainer` + `FederatedZOCallback`, P = 5, forward difference, mu = 1e-3, preconditioner on.
+* `decomfl`: the same with `zo_preconditioner=False` (H = I).
+* `mezo`: centralized `HiSoTrainer` (no federation), P = 1, central difference, no preconditioner; one step per
+  "round", batch 16, the Trainer's own data order. It communicates nothing, so it has no bytes curve.
+* `fedavg`: first-order FedAvg: each sampled client loads the global head, runs `local_steps` AdamW steps (the
+  Trainer's default optimizer and hyper-parameters, one AdamW state per client kept between its rounds, dropout on
+  as in `Trainer.train`) on the same client batches, and the server averages the clients' parameters (uniform mean,
+  as the ZO protocol averages scalars). Bytes: download plus upload of the trainable parameters per sampled client.
+
+Each (task, federation, method, lr, seed) run writes one JSON under `--results-dir`; finished runs are skipped, so an
+interrupted sweep resumes where it stopped. `--report` (also run at the end of a sweep) prints the tables and draws
+the plots from whatever has finished.
+
+    python benchmarks/convergence.py --mode short            # minutes: the smoke test
+    nohup python benchmarks/convergence.py --mode full > benchmarks/results/full.log 2>&1 &
+    python benchmarks/convergence.py --mode full --report    # tables and plots from the finished runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from common import (  # noqa: E402
+    DOCS_DIR,
+    RESULTS_DIR,
+    EvalCallback,
+    FrozenEncoderHead,
+    accuracy,
+    check_cached_head_matches_model,
+    example_ids,
+    features_dataset,
+    load_features,
+    lr_tag,
+    machine,
+    read_json,
+    write_json,
+)
+from transformers import PrinterCallback, default_data_collator  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from hf_hiso import FederatedZOCallback, HiSoConfig, HiSoTrainer  # noqa: E402
+from hf_hiso.callbacks import ClientBatches  # noqa: E402
+from hf_hiso.federated.ledger import CommunicationLedger  # noqa: E402
+from hf_hiso.federated.partition import partition_dataset  # noqa: E402
+from hf_hiso.federated.protocol import FederatedServer  # noqa: E402
+from hf_hiso.zo_optimizer import NonFiniteScalarError  # noqa: E402
+
+ZO_METHODS = ("hiso", "decomfl", "mezo")
+METHODS = (*ZO_METHODS, "fedavg")
+FEDERATED = ("hiso", "decomfl", "fedavg")
+LABELS = {"hiso": "HiSo", "decomfl": "DeComFL", "mezo": "MeZO (central.)", "fedavg": "FedAvg (AdamW)"}
+COLORS = {"hiso": "C3", "decomfl": "C0", "mezo": "C2", "fedavg": "C7"}
+
+
+@dataclass(frozen=True)
+class Federation:
+    name: str
+    num_clients: int
+    clients_per_round: int
+    local_steps: int = 1
+    dirichlet_alpha: float = 1.0
+
+
+@dataclass
+class Mode:
+    """What a sweep runs. `zo_lrs` is one grid shared by every zeroth-order method (fairness: each method is then
+    reported at its own best lr from the same grid); FedAvg, a first-order method, gets its own grid."""
+
+    tasks: tuple[str, ...]
+    federations: tuple[Federation, ...]
+    rounds: dict[str, int]
+    zo_lrs: tuple[float, ...]
+    fedavg_lrs: tuple[float, ...]
+    seeds: tuple[int, ...]
+    eval_every: int
+    train_pooler: bool = True
+    feature_limit: int | None = None
+    batch_size: int = 16
+    num_directions: int = 5
+    zo_eps: float = 1e-3
+    methods: tuple[str, ...] = METHODS
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+PAPER = Federation("paper", 6, 2)
+LARGE = Federation("large", 30, 3)
+
+MODES = {
+    "short": Mode(
+        tasks=("tweets_sentiment",),
+        federations=(PAPER,),
+        rounds={"tweets_sentiment": 40},
+        zo_lrs=(3e-3, 3e-2),
+        fedavg_lrs=(1e-2,),
+        seeds=(0,),
+        eval_every=10,
+        feature_limit=512,
+    ),
+    "full": Mode(
+        tasks=("tweets_sentiment", "bbc_news"),
+        federations=(PAPER, LARGE),
+        rounds={"tweets_sentiment": 1500, "bbc_news": 1500},
+        zo_lrs=(3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
+        fedavg_lrs=(1e-3, 3e-3, 1e-2, 3e-2),
+        seeds=(0, 1, 2),
+        eval_every=25,
+    ),
+}
+
+
+# ---- one run --------------------------------------------------------------------------------------------------------
+
+
+def run_path(results_dir: Path, task: str, fed: str, method: str, lr: float, seed: int) -> Path:
+    return results_dir / task / fed / f"{method}_lr{lr_tag(lr)}_s{seed}.json"
+
+
+def ledger_totals(ledger: CommunicationLedger | None) -> dict[str, int]:
+    if ledger is None:
+        return {"bytes_total": 0, "paper_bytes": 0, "fedavg_bytes": 0}
+    return {
+        "bytes_total": ledger.bytes_total,
+        "paper_bytes": ledger.paper_bytes_total,
+        "fedavg_bytes": ledger.fedavg_bytes_total,
+    }
+
+
+def run_zo(
+    feats: dict,
+    mode: Mode,
+    fed: Federation,
+    method: str,
+    lr: float,
+    seed: int,
+    rounds: int,
+    zo_overrides: dict[str, Any] | None = None,
+    keep_state: bool = False,
+) -> dict[str, Any]:
+    """HiSo / DeComFL through `HiSoTrainer` + `FederatedZOCallback`; MeZO through the centralized `HiSoTrainer`.
+
+    `zo_overrides` changes `HiSoConfig`'s `zo_*` fields (the ablation); `keep_state` adds the trained `model` and the
+    preconditioner tensors (`hessian_tensors`, name -> tensor) to the result (not JSON-able)."""
+    model = FrozenEncoderHead.from_features(feats, seed, train_pooler=mode.train_pooler)
+    train = features_dataset(feats)
+    val_ids, val_labels = example_ids(feats, "validation"), feats["validation"]["labels"]
+    mezo = method == "mezo"
+    with tempfile.TemporaryDirectory() as tmp:
+        args = HiSoConfig(
+            output_dir=tmp,
+            per_device_train_batch_size=mode.batch_size,
+            learning_rate=lr,
+            lr_scheduler_type="constant",
+            max_steps=rounds,
+            logging_strategy="no",
+            save_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            disable_tqdm=True,
+            seed=seed,
+            data_seed=seed,
+            dataloader_num_workers=0,
+            zo_eps=mode.zo_eps,
+            zo_num_directions=1 if mezo else mode.num_directions,
+            zo_difference="central" if mezo else "forward",
+            zo_preconditioner=method == "hiso",
+            # Keeps each round's P directions (P x d floats, 3 MB here) instead of drawing them again for every
+            # client, the restoration and the update: the same numbers, so the same run, at about half the CPU time.
+            zo_cache_directions=True,
+            **(zo_overrides or {}),
+        )
+        fed_cb = None
+        callbacks = []
+        if not mezo:
+            fed_cb = FederatedZOCallback(
+                num_clients=fed.num_clients,
+                clients_per_round=fed.clients_per_round,
+                local_steps=fed.local_steps,
+                partition="dirichlet",
+                dirichlet_alpha=fed.dirichlet_alpha,
+            )
+            callbacks.append(fed_cb)
+        evaluator = EvalCallback(
+            val_ids, val_labels, mode.eval_every, lambda: ledger_totals(fed_cb.ledger if fed_cb else None)
+        )
+        callbacks.append(evaluator)
+        trainer = HiSoTrainer(model=model, args=args, train_dataset=train, callbacks=callbacks)
+        trainer.remove_callback(PrinterCallback)  # the figures go to the JSON, not to the log
+        diverged = False
+        try:
+            trainer.train()
+        except NonFiniteScalarError:
+            diverged = True
+        out = {
+            "history": evaluator.history,
+            "diverged": diverged or evaluator.diverged,
+            "forward_passes": trainer.zo_forward_passes,
+        }
+        if fed_cb is not None:
+            out["client_sizes"] = fed_cb.client_sizes
+            out["ledger"] = fed_cb.ledger.summary()
+        hs = trainer.zo_optimizer.hessian()
+        if hs is not None:
+            flat = torch.cat([h.flatten() for h in hs])
+            out["hessian"] = {
+                "mean": float(flat.mean()),
+                "min": float(flat.min()),
+                "max": float(flat.max()),
+                "median": float(flat.median()),
+            }
+            if keep_state:
+                # The Trainer groups parameters by weight decay, so the optimizer's order is not named_parameters'.
+                names = {id(p): n for n, p in model.named_parameters()}
+                out["hessian_tensors"] = {
+                    names[id(p)]: h.detach().clone() for p, h in zip(trainer.zo_optimizer.params, hs, strict=True)
+                }
+        if keep_state:
+            out["model"] = model
+    return out
+
+
+def run_fedavg(feats: dict, mode: Mode, fed: Federation, lr: float, seed: int, rounds: int) -> dict[str, Any]:
+    """First-order FedAvg on the same partition, client batch streams and client sampling as the ZO runs."""
+    torch.manual_seed(seed)  # dropout (the global RNG drives it, as in Trainer.train)
+    model = FrozenEncoderHead.from_features(feats, seed, train_pooler=mode.train_pooler)
+    params = [p for p in model.parameters() if p.requires_grad]
+    train = features_dataset(feats)
+    val_ids, val_labels = example_ids(feats, "validation"), feats["validation"]["labels"]
+    # The same calls FederatedZOCallback makes, with the same seed: same shards, same batch streams, same clients.
+    shards = partition_dataset(
+        train, fed.num_clients, "dirichlet", dirichlet_alpha=fed.dirichlet_alpha, label_column="labels", seed=seed
+    )
+    clients = [ClientBatches(s, default_data_collator, mode.batch_size, seed, c) for c, s in enumerate(shards)]
+    server = FederatedServer(fed.num_clients, fed.clients_per_round, fed.local_steps, seed=seed)
+    # The Trainer's default AdamW settings (betas 0.9/0.999, eps 1e-8, weight_decay 0); one state per client.
+    optimizers = [torch.optim.AdamW(params, lr=lr, weight_decay=0.0) for _ in range(fed.num_clients)]
+    d = sum(p.numel() for p in params)
+    bytes_total = 0
+    history = []
+
+    def record(r: int) -> None:
+        acc, loss = accuracy(model, val_ids, val_labels)
+        history.append({"round": r, "accuracy": acc, "val_loss": loss, "bytes_total": bytes_total, "fedavg_bytes": 0})
+
+    record(0)
+    diverged = False
+    for r in range(1, rounds + 1):
+        plan = server.plan_round()
+        start = [p.detach().clone() for p in params]
+        local = []
+        model.train()
+        for c in plan.clients:
+            with torch.no_grad():
+                for p, s in zip(params, start, strict=True):
+                    p.copy_(s)
+            for _ in range(fed.local_steps):
+                batch = clients[c].next_batch()
+                loss = model(**batch).loss
+                loss.backward()
+                optimizers[c].step()
+                optimizers[c].zero_grad(set_to_none=True)
+            local.append([p.detach().clone() for p in params])
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                p.copy_(torch.stack([loc[i] for loc in local]).mean(0))
+        server.commit_round(plan, None, [lr])
+        bytes_total += 2 * len(plan.clients) * d * 4
+        if r % mode.eval_every == 0 or r == rounds:
+            record(r)
+            if not math.isfinite(history[-1]["val_loss"]):
+                diverged = True
+                break
+    for h in history:
+        h["fedavg_bytes"] = h["bytes_total"]
+    return {
+        "history": history,
+        "diverged": diverged,
+        "client_sizes": [len(s) for s in shards],
+        "forward_backward_passes": rounds * fed.clients_per_round * fed.local_steps,
+    }
+
+
+def planned_runs(mode: Mode) -> Iterator[tuple[str, Federation, str, float, int]]:
+    """Every run of the sweep, seed-major so that a partial sweep already covers every task, federation and method."""
+    central = Federation("central", 1, 1)
+    for seed in mode.seeds:
+        for task in mode.tasks:
+            for fed in mode.federations:
+                for method in mode.methods:
+                    if method == "mezo":
+                        continue
+                    for lr in mode.fedavg_lrs if method == "fedavg" else mode.zo_lrs:
+                        yield task, fed, method, lr, seed
+            if "mezo" in mode.methods:
+                for lr in mode.zo_lrs:
+                    yield task, central, "mezo", lr, seed
+
+
+_FEATURES: dict[tuple[str, int | None], dict] = {}
+
+
+def _init_worker() -> None:
+    # The trainable head is a few small matrix products: one thread per run is faster than two fighting over them,
+    # and leaves the other core to a second worker (or to the other users of a shared machine).
+    torch.set_num_threads(1)
+    hf_logging.set_verbosity_error()
+
+
+def execute_run(mode_name: str, mode: Mode, results_dir: Path, job: tuple[str, Federation, str, float, int]) -> str:
+    """Runs one (task, federation, method, lr, seed) and writes its JSON; returns a one-line summary."""
+    task, fed, method, lr, seed = job
+    key = (task, mode.feature_limit)
+    if key not in _FEATURES:
+        _FEATURES[key] = load_features(task, limit=mode.feature_limit)
+    feats = _FEATURES[key]
+    rounds = mode.rounds[task]
+    t0, c0 = time.perf_counter(), time.process_time()
+    if method == "fedavg":
+        out = run_fedavg(feats, mode, fed, lr, seed, rounds)
+    else:
+        out = run_zo(feats, mode, fed, method, lr, seed, rounds)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    head = FrozenEncoderHead(feats["pooler"], feats["num_labels"], 0, mode.train_pooler)
+    record = {
+        "task": task,
+        "federation": asdict(fed),
+        "method": method,
+        "lr": lr,
+        "seed": seed,
+        "rounds": rounds,
+        "mode": mode_name,
+        "num_trainable": sum(p.numel() for p in head.parameters() if p.requires_grad),
+        "train_pooler": mode.train_pooler,
+        "batch_size": mode.batch_size,
+        "num_directions": 1 if method == "mezo" else mode.num_directions,
+        "zo_eps": mode.zo_eps,
+        "wall_seconds": wall,
+        "cpu_seconds": cpu,
+        "machine": machine(),
+        "final_accuracy": out["history"][-1]["accuracy"],
+        **out,
+    }
+    write_json(run_path(results_dir, task, fed.name, method, lr, seed), record)
+    return (
+        f"{task} {fed.name} {method} lr={lr:g} seed={seed}: final acc {record['final_accuracy']:.4f}"
+        f"{' DIVERGED' if record['diverged'] else ''} ({wall:.0f} s wall, {cpu:.0f} s cpu)"
+    )
+
+
+def _execute_job(payload: tuple) -> str:
+    return execute_run(*payload)
+
+
+def run_sweep(mode_name: str, mode: Mode, results_dir: Path, max_runs: int | None = None, workers: int = 1) -> None:
+    runs = list(planned_runs(mode))
+    todo = [r for r in runs if not run_path(results_dir, r[0], r[1].name, r[2], r[3], r[4]).exists()]
+    print(
+        f"[{mode_name}] {len(runs)} runs planned, {len(runs) - len(todo)} already done, {len(todo)} to do", flush=True
+    )
+    todo = todo[:max_runs] if max_runs else todo
+    payloads = [(mode_name, mode, results_dir, job) for job in todo]
+    t0 = time.perf_counter()
+    if workers <= 1:
+        _init_worker()
+        results = map(_execute_job, payloads)
+    else:
+        import multiprocessing
+
+        # spawn, not fork: a forked child inherits torch's thread pool state from the parent.
+        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker)
+        results = pool.imap_unordered(_execute_job, payloads)
+    for n, line in enumerate(results):
+        print(f"[{n + 1}/{len(todo)}, {time.perf_counter() - t0:.0f} s] {line}", flush=True)
+    if workers > 1:
+        pool.close()
+        pool.join()
+
+
+# ---- report ---------------------------------------------------------------------------------------------------------
+
+
+def load_results(results_dir: Path) -> list[dict]:
+    return [read_json(p) for p in sorted(results_dir.glob("*/*/*.json"))]
+
+
+def tail_accuracy(run: dict, share: float = 0.1) -> float:
+    """Mean validation accuracy over the last `share` of the rounds (less noisy than the last point alone); a diverged
+    run scores 0."""
+    if run["diverged"]:
+        return 0.0
+    hist = run["history"]
+    last = hist[-1]["round"]
+    tail = [h["accuracy"] for h in hist if h["round"] >= last * (1 - share)]
+    return statistics.fmean(tail)
+
+
+def first_reach(run: dict, target: float) -> tuple[int, int] | None:
+    """(round, bytes) of the first evaluation at or above `target`, or None."""
+    for h in run["history"]:
+        if h["accuracy"] >= target - 1e-12:
+            return h["round"], h.get("bytes_total", 0)
+    return None
+
+
+def best_lrs(runs: list[dict], seeds: list[int]) -> dict[str, tuple[float, dict[float, float]]]:
+    """Per method: the lr with the best mean tail accuracy over the seeds that every lr of the method finished, and
+    the mean tail accuracy of each lr."""
+    out = {}
+    for method in METHODS:
+        by_lr: dict[float, dict[int, dict]] = {}
+        for r in runs:
+            if r["method"] == method:
+                by_lr.setdefault(r["lr"], {})[r["seed"]] = r
+        if not by_lr:
+            continue
+        common = [s for s in seeds if all(s in v for v in by_lr.values())]
+        if not common:
+            continue
+        scores = {lr: statistics.fmean(tail_accuracy(v[s]) for s in common) for lr, v in sorted(by_lr.items())}
+        out[method] = (max(scores, key=scores.get), scores)
+    return out
+
+
+def summarize(results_dir: Path) -> dict[str, Any]:
+    """The report's figures for each (task, federation): best lrs, final accuracies, the paper's rounds-to-target
+    metric per seed and its speedup."""
+    runs = load_results(results_dir)
+    report: dict[str, Any] = {}
+    for task in sorted({r["task"] for r in runs}):
+        central = [r for r in runs if r["task"] == task and r["federation"]["name"] == "central"]
+        for fed in sorted({r["federation"]["name"] for r in runs if r["task"] == task} - {"central"}):
+            group = [r for r in runs if r["task"] == task and r["federation"]["name"] == fed] + central
+            seeds = sorted({r["seed"] for r in group})
+            best = best_lrs(group, seeds)
+            entry: dict[str, Any] = {"best_lr": {m: v[0] for m, v in best.items()}, "lr_scores": {}}
+            entry["lr_scores"] = {m: {f"{lr:g}": s for lr, s in v[1].items()} for m, v in best.items()}
+            at_best = {m: {r["seed"]: r for r in group if r["method"] == m and r["lr"] == best[m][0]} for m in best}
+            entry["final_accuracy"] = {
+                m: {
+                    "mean": statistics.fmean(r["final_accuracy"] for r in v.values()),
+                    "by_seed": {s: r["final_accuracy"] for s, r in sorted(v.items())},
+                }
+                for m, v in at_best.items()
+            }
+            per_seed = []
+            if "hiso" in at_best and "decomfl" in at_best:
+                for s in sorted(set(at_best["hiso"]) & set(at_best["decomfl"])):
+                    dec = at_best["decomfl"][s]
+                    target = max(h["accuracy"] for h in dec["history"])
+                    dec_round, dec_bytes = first_reach(dec, target)
+                    row = {
+                        "seed": s,
+                        "target": target,
+                        "decomfl_rounds": dec_round,
+                        "decomfl_bytes": dec_bytes,
+                    }
+                    for m in ("hiso", "fedavg", "mezo"):
+                        run = at_best.get(m, {}).get(s)
+                        reach = first_reach(run, target) if run else None
+                        row[f"{m}_rounds"] = reach[0] if reach else None
+                        row[f"{m}_bytes"] = reach[1] if reach else None
+                    row["speedup"] = dec_round / row["hiso_rounds"] if row["hiso_rounds"] else None
+                    per_seed.append(row)
+            entry["rounds_to_decomfl_best"] = per_seed
+            speedups = [r["speedup"] for r in per_seed if r["speedup"] is not None]
+            entry["speedup"] = {
+                "reached": f"{len(speedups)}/{len(per_seed)}",
+                "mean": statistics.fmean(speedups) if speedups else None,
+                "min": min(speedups) if speedups else None,
+                "max": max(speedups) if speedups else None,
+            }
+            entry["seeds"] = seeds
+            report[f"{task}/{fed}"] = entry
+    return report
+
+
+def fmt_bytes(b: int | None) -> str:
+    if b is None:
+        return "-"
+    for unit, f in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if b >= f:
+            return f"{b / f:.3g} {unit}"
+    return f"{b} B"
+
+
+def print_report(report: dict[str, Any]) -> None:
+    for key, e in report.items():
+        print(f"\n=== {key} (seeds {e['seeds']}) ===")
+        print("mean tail accuracy (last 10% of rounds) per lr; * = best:")
+        for m, scores in e["lr_scores"].items():
+            cells = "  ".join(f"{lr}:{s:.4f}{'*' if float(lr) == e['best_lr'][m] else ''}" for lr, s in scores.items())
+            print(f"  {LABELS[m]:16s} {cells}")
+        print("final accuracy at the best lr (mean; per seed):")
+        for m, v in e["final_accuracy"].items():
+            seeds = ", ".join(f"{a:.4f}" for a in v["by_seed"].values())
+            print(f"  {LABELS[m]:16s} lr={e['best_lr'][m]:g}  {v['mean']:.4f}  ({seeds})")
+        if e["rounds_to_decomfl_best"]:
+            print("rounds (bytes) to reach DeComFL's best accuracy, per seed:")
+            for r in e["rounds_to_decomfl_best"]:
+                cells = "  ".join(
+                    f"{LABELS[m]}: {r[f'{m}_rounds'] if r[f'{m}_rounds'] is not None else 'not reached'}"
+                    f" ({fmt_bytes(r[f'{m}_bytes'])})"
+                    for m in ("hiso", "fedavg")
+                )
+                sp = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
+                print(
+                    f"  seed {r['seed']}: target {r['target']:.4f}; DeComFL {r['decomfl_rounds']} "
+                    f"({fmt_bytes(r['decomfl_bytes'])}); {cells}; speedup {sp}"
+                )
+            s = e["speedup"]
+            if s["mean"] is not None:
+                print(
+                    f"  HiSo speedup: mean {s['mean']:.2f}x, min {s['min']:.2f}x, max {s['max']:.2f}x "
+                    f"(reached in {s['reached']} seeds)"
+                )
+            else:
+                print(f"  HiSo never reached DeComFL's best accuracy ({s['reached']} seeds)")
+
+
+def plot(results_dir: Path, report: dict[str, Any], docs_dir: Path, prefix: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    runs = load_results(results_dir)
+    paths = []
+    for key, e in report.items():
+        task, fed = key.split("/")
+        fig, (ax_r, ax_b) = plt.subplots(1, 2, figsize=(11, 4))
+        for m, lr in e["best_lr"].items():
+            fed_name = "central" if m == "mezo" else fed
+            sel = [
+                r
+                for r in runs
+                if r["task"] == task and r["federation"]["name"] == fed_name and r["method"] == m and r["lr"] == lr
+            ]
+            if not sel:
+                continue
+            n = min(len(r["history"]) for r in sel)
+            rounds = np.array([h["round"] for h in sel[0]["history"][:n]])
+            acc = np.array([[h["accuracy"] for h in r["history"][:n]] for r in sel])
+            label = f"{LABELS[m]} lr={lr:g} ({len(sel)} seeds)"
+            ax_r.plot(rounds, acc.mean(0), color=COLORS[m], label=label)
+            ax_r.fill_between(rounds, acc.min(0), acc.max(0), color=COLORS[m], alpha=0.15)
+            if m != "mezo":
+                b = np.array([h["bytes_total"] for h in sel[0]["history"][:n]], dtype=float)
+                ok = b > 0
+                ax_b.plot(b[ok], acc.mean(0)[ok], color=COLORS[m], label=label)
+                ax_b.fill_between(b[ok], acc.min(0)[ok], acc.max(0)[ok], color=COLORS[m], alpha=0.15)
+        ax_r.set_xlabel("communication rounds (MeZO: steps)")
+        ax_r.set_ylabel("validation accuracy")
+        ax_b.set_xscale("log")
+        ax_b.set_xlabel("cumulative bytes, uplink + downlink (log)")
+        for ax in (ax_r, ax_b):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8, loc="lower right")
+        fig.suptitle(f"{task}, federation '{fed}': each method at its best lr (mean, band = min..max over seeds)")
+        fig.tight_layout()
+        path = docs_dir / f"{prefix}_{task}_{fed}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=sorted(MODES), default="short")
+    parser.add_argument("--results-dir", type=Path, default=None, help="default: benchmarks/results/convergence/MODE")
+    parser.add_argument("--docs-dir", type=Path, default=DOCS_DIR, help="where the PNG plots go")
+    parser.add_argument("--report", action="store_true", help="only print the report and draw the plots")
+    parser.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
+    parser.add_argument("--workers", type=int, default=1, help="runs in parallel (one thread each)")
+    parser.add_argument("--check-cache", action="store_true", help="compare the cached head with the full model")
+    args = parser.parse_args(argv)
+    mode = MODES[args.mode]
+    results_dir = args.results_dir or RESULTS_DIR / "convergence" / args.mode
+    if args.check_cache:
+        for task in mode.tasks:
+            print(task, check_cached_head_matches_model(task, limit=mode.feature_limit))
+        return
+    print(f"machine: {machine()}")
+    if not args.report:
+        run_sweep(args.mode, mode, results_dir, args.max_runs, args.workers)
+    report = summarize(results_dir)
+    write_json(results_dir / "report.json", report)
+    print_report(report)
+    prefix = "convergence" if args.mode == "full" else f"convergence_{args.mode}"
+    for p in plot(results_dir, report, args.docs_dir, prefix):
+        print(f"plot: {p}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,376 @@
+r"""A block-wise curvature preconditioner learned from second-difference scalars (an extension beside HiSo).
+
+HiSo's preconditioner (ALGORITHM.md, section 2) is built from the squared aggregated update and does not track the
+curvature (section 6). This module learns one curvature value per *block* of parameters (by default one block per
+trainable tensor) from scalars that every party already holds, so communication stays dimension-free. Symbols as in
+ALGORITHM.md; `B` blocks, block `b` holding `n_b` entries, `H_b` its preconditioner value.
+
+On a *curvature step* (every step with `every = 1`; a seed-chosen share `1 / every` otherwise) the step is measured
+with a central difference and each direction gets random per-block factors from its seed:
+
+    a_{p,b}**2 ~ U[1 - w, 1 + w]          (private generator seeded by (s, p); mean 1, so E[z z^T] is unchanged)
+    z_p  = a_{p,b} u_{p,b} / sqrt(H_b)     (u_p ~ N(0, I) exactly as in HiSo)
+    c_p  = (f(x + mu z_p) + f(x - mu z_p) - 2 f(x)) / mu**2    ~   z_p^T Hess z_p
+
+and every client reports `c_p` beside the slope `g_p` (one more scalar per direction). Given the features
+`x_{p,b} = ||z_{p,b}||**2`, which any party computes from the seed alone (the `u`'s are regenerated for the update
+anyway), the averaged `c_p` obey the linear model
+
+    E[c_p | z_p] = sum_b theta_b x_{p,b}  (+ off-diagonal and within-block terms of mean zero),
+
+where `theta_b = tr(Hess_bb) / n_b` is block `b`'s mean diagonal curvature. The factors `a` make the blocks'
+contributions vary independently from one direction to the next; without them each `x_{p,b}` fluctuates only by the
+chi-square spread `sqrt(2 / n_b)` (0.03 for a 2,000-entry tensor) and the regression is nearly rank one. `theta` is
+the solution of a recursive least-squares problem with forgetting `lambda`, shrunk toward the pooled curvature
+`theta_bar` (the fit of `c_p ~ theta_bar * ||z_p||**2`, well determined after a few rows):
+
+    R <- lambda R + sum_p x_p x_p^T,   r <- lambda r + sum_p x_p cbar_p,   N <- lambda N + P   (rows, discounted)
+    theta = (R + k diag(R))^{-1} (r + k diag(R) theta_bar 1),   k = rho lambda^t / N,   theta_bar = 1^T r / 1^T R 1
+
+(`t` curvature steps so far: the prior counts as `rho` pseudo-rows per block that are forgotten like data, so it
+steadies the first, under-determined steps and then fades). `H` stays `I` until the regression holds `2B` rows:
+
+its positive part, floored and normalised so that its mean over entries is 1 (as at the start), which keeps the
+scale of the learning rate of plain ZO-SGD:
+
+    m = sum_b n_b theta_b^+ / d,     H_b = max(theta_b^+, floor * m) / (sum_b n_b max(theta_b^+, floor * m) / d).
+
+`R`, `r`, `theta` and `H` (a `B x B` matrix and three `B`-vectors) are built from seeds and averaged scalars only,
+in float64 and in a fixed order, so every replica holds the same state without it being sent. They live in
+`optimizer.state["curvature"]` and are checkpointed with the optimizer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from .zo_estimators import DirectionSource, direction_seed, perturb_
+
+# Domain separation: the seed hashes below must not coincide with the direction seeds of `zo_estimators`.
+_STEP_TAG = 0xC0B1C0B1
+_FACTOR_TAG = 0xB10CFAC7
+
+BLOCKINGS = ("tensor", "group")
+RULES = ("newton", "gain")
+
+
+def check_curvature_settings(
+    *,
+    every: int,
+    forget: float,
+    floor: float,
+    spread: float,
+    prior: float,
+    rule: str = "newton",
+    prefix: str = "curvature_",
+) -> None:
+    """Raises a `ValueError` naming the field (with `prefix`, e.g. `"zo_curvature_"`) and the allowed values."""
+
+    def bad(name: str, allowed: str, value: object) -> ValueError:
+        return ValueError(f"`{prefix}{name}` must be {allowed}, got {value!r}")
+
+    def number(value: object) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise bad("every", "an integer >= 1 (estimate on every k-th step)", every)
+    if not (number(forget) and 0.0 < forget <= 1.0):
+        raise bad("forget", "in (0, 1] (the weight of the old regression data per curvature step)", forget)
+    if not (number(floor) and 0.0 < floor <= 1.0):
+        raise bad("floor", "in (0, 1] (the smallest block value relative to the mean curvature)", floor)
+    if not (number(spread) and 0.0 <= spread <= 1.0):
+        raise bad("spread", "in [0, 1] (half-width of the block factors a**2 ~ U[1 - w, 1 + w])", spread)
+    if rule not in RULES:
+        raise bad("rule", f"one of {RULES}", rule)
+    if not (number(prior) and prior > 0.0):
+        raise bad("prior", "a finite number > 0 (the weight of the shrinkage toward the pooled curvature)", prior)
+
+
+def block_index(
+    params: Sequence[torch.Tensor], param_groups: Sequence[dict], blocks: str | Sequence[int]
+) -> list[int]:
+    """The block of each trainable tensor, in optimizer order: one block per tensor (`"tensor"`), per parameter group
+    (`"group"`), or an explicit sequence of block ids (renumbered `0..B-1` in order of first appearance)."""
+    if isinstance(blocks, str):
+        if blocks == "tensor":
+            return list(range(len(params)))
+        if blocks == "group":
+            return [g for g, group in enumerate(param_groups) for _ in group["params"]]
+        raise ValueError(f"`curvature_blocks` must be one of {BLOCKINGS} or a sequence of block ids, got {blocks!r}")
+    ids = list(blocks)
+    if len(ids) != len(params):
+        raise ValueError(f"`curvature_blocks` has {len(ids)} entries for {len(params)} trainable tensors.")
+    order: dict[Any, int] = {}
+    return [order.setdefault(b, len(order)) for b in ids]
+
+
+class BlockCurvature:
+    r"""
+    Configuration and update rules of the block curvature preconditioner; the state itself is a plain dict (see
+    [`~BlockCurvature.init_state`]) kept in `optimizer.state["curvature"]`.
+
+    Args:
+        block_of: block id of each trainable tensor, in optimizer order (ids `0..B-1`).
+        block_sizes: `n_b`, entries per block.
+        every: estimate on a seed-chosen share `1 / every` of the steps (`1`: every step). Other steps use the
+            optimizer's own difference (forward: `P + 1` passes instead of `2P + 1`) and plain directions.
+        forget: `lambda`, weight of the old regression data per curvature step (memory about `P / (1 - lambda)` rows).
+        floor: smallest `theta_b` used, relative to the entry-weighted mean of `theta^+`.
+        spread: `w`, half-width of the block factors `a**2 ~ U[1 - w, 1 + w]` (0 turns them off).
+        prior: `rho`, weight of the shrinkage of `theta` toward the pooled curvature, in pseudo-rows per block.
+    """
+
+    def __init__(
+        self,
+        block_of: Sequence[int],
+        block_sizes: Sequence[int],
+        *,
+        every: int = 1,
+        forget: float = 0.99,
+        floor: float = 1e-2,
+        spread: float = 0.75,
+        prior: float = 1.0,
+        rule: str = "newton",
+    ):
+        check_curvature_settings(every=every, forget=forget, floor=floor, spread=spread, prior=prior, rule=rule)
+        self.rule = rule
+        self.block_of = list(block_of)
+        self.num_blocks = len(block_sizes)
+        if sorted(set(self.block_of)) != list(range(self.num_blocks)):
+            raise ValueError("`block_of` must use every block id 0..B-1 at least once.")
+        self.block_sizes = torch.tensor([float(n) for n in block_sizes], dtype=torch.float64)
+        self.every = every
+        self.forget = forget
+        self.floor = floor
+        self.spread = spread
+        self.prior = prior
+        self._factors_key: tuple[int, int] | None = None
+        self._factors = torch.ones(0, 0, dtype=torch.float64)
+
+    @classmethod
+    def for_params(
+        cls, params: Sequence[torch.Tensor], param_groups: Sequence[dict], blocks: str | Sequence[int] = "tensor", **kw
+    ) -> BlockCurvature:
+        block_of = block_index(params, param_groups, blocks)
+        sizes = [0] * (max(block_of) + 1 if block_of else 0)
+        for b, p in zip(block_of, params, strict=True):
+            sizes[b] += p.numel()
+        return cls(block_of, sizes, **kw)
+
+    # ---- state ----------------------------------------------------------------------------------------------------
+
+    def init_state(self) -> dict[str, Any]:
+        """`gram` (`R`, `B x B`), `moment` (`r`), `theta` (NaN until the first estimate), `hessian` (`H_b`, ones),
+        `weight` (`N`, discounted rows), `rows` (rows used), `updates` (curvature steps used) and `skipped_rows`
+        (non-finite `c`)."""
+        b = self.num_blocks
+        return {
+            "gram": torch.zeros(b, b, dtype=torch.float64),
+            "moment": torch.zeros(b, dtype=torch.float64),
+            "moment_slopes": torch.zeros(b, dtype=torch.float64),
+            "theta": torch.full((b,), float("nan"), dtype=torch.float64),
+            "gamma": torch.full((b,), float("nan"), dtype=torch.float64),
+            "hessian": torch.ones(b, dtype=torch.float64),
+            "block_sizes": self.block_sizes.clone(),
+            "weight": 0.0,
+            "rows": 0,
+            "updates": 0,
+            "skipped_rows": 0,
+        }
+
+    def check_state(self, state: dict[str, Any]) -> None:
+        if state["gram"].shape != (self.num_blocks, self.num_blocks) or not torch.equal(
+            state["block_sizes"], self.block_sizes
+        ):
+            raise ValueError(
+                "The saved curvature state was built for other blocks (block sizes "
+                f"{state['block_sizes'].tolist()}, now {self.block_sizes.tolist()})."
+            )
+
+    # ---- what every party derives from a seed ---------------------------------------------------------------------
+
+    def is_curvature_step(self, seed: int) -> bool:
+        """Whether the step with this seed measures and uses curvature scalars: a function of the seed alone, so the
+        measuring client, the server and every replica agree without being told."""
+        return self.every == 1 or direction_seed(seed, _STEP_TAG) % self.every == 0
+
+    def block_factors(self, seed: int, num_directions: int) -> torch.Tensor:
+        """`a_{p,b}` of shape `(P, B)`, float64: `a**2 ~ U[1 - w, 1 + w]` from a private generator seeded by
+        `(seed, p)`; ones on steps that are not curvature steps or with `spread = 0`."""
+        if self.spread == 0.0 or not self.is_curvature_step(seed):
+            return torch.ones(num_directions, self.num_blocks, dtype=torch.float64)
+        key = (seed, num_directions)
+        if self._factors_key == key:
+            # A step asks for its factors up to three times (measure, update, features).
+            return self._factors
+        rows = []
+        for p in range(num_directions):
+            gen = torch.Generator().manual_seed(direction_seed(direction_seed(seed, p), _FACTOR_TAG))
+            uniform = torch.rand(self.num_blocks, generator=gen, dtype=torch.float64)
+            rows.append((1.0 + self.spread * (2.0 * uniform - 1.0)).sqrt())
+        self._factors_key, self._factors = key, torch.stack(rows)
+        return self._factors
+
+    def direction_scales(self, state: dict[str, Any], seed: int, num_directions: int) -> list[list[float]]:
+        """Per direction and tensor, the factor that turns `u_p` into `z_p`: `a_{p,b(i)} / sqrt(H_{b(i)})`."""
+        base = state["hessian"].rsqrt()
+        factors = self.block_factors(seed, num_directions) * base
+        return [[float(row[b]) for b in self.block_of] for row in factors]
+
+    def features(self, state: dict[str, Any], seed: int, tensor_sq_norms: torch.Tensor) -> torch.Tensor:
+        """`x_{p,b} = ||z_{p,b}||**2` (shape `(P, B)`) from `||u_{p,i}||**2` per direction and tensor."""
+        factors = self.block_factors(seed, tensor_sq_norms.shape[0]).square() / state["hessian"]
+        per_block = torch.zeros(tensor_sq_norms.shape[0], self.num_blocks, dtype=torch.float64)
+        per_block.index_add_(1, torch.tensor(self.block_of), tensor_sq_norms.double())
+        return factors * per_block
+
+    # ---- learning -------------------------------------------------------------------------------------------------
+
+    def update(
+        self, state: dict[str, Any], features: torch.Tensor, curvatures: torch.Tensor, slopes: torch.Tensor
+    ) -> None:
+        """Adds one curvature step's rows (features `(P, B)`, averaged `c` and `g`, `(P,)` each) with forgetting,
+        re-solves `theta` and `gamma` and sets `H`. Rows with a non-finite `c` or `g` are skipped (and counted):
+        every party skips the same ones."""
+        c, g2 = curvatures.double(), slopes.double().square()
+        keep = torch.isfinite(c) & torch.isfinite(g2) & torch.isfinite(features).all(1)
+        state["skipped_rows"] += int((~keep).sum())
+        if not bool(keep.any()):
+            return
+        x, c, g2 = features[keep], c[keep], g2[keep]
+        # New tensors rather than in-place updates: a `state_dict()` taken earlier must not change under it.
+        state["gram"] = self.forget * state["gram"] + x.T @ x
+        state["moment"] = self.forget * state["moment"] + x.T @ c
+        state["moment_slopes"] = self.forget * state["moment_slopes"] + x.T @ g2
+        state["weight"] = self.forget * state["weight"] + len(c)
+        state["rows"] += len(c)
+        state["updates"] += 1
+        ridge = self.prior * self.forget ** state["updates"] / state["weight"]
+        theta = self.solve(state["gram"], state["moment"], ridge)
+        gamma = self.solve(state["gram"], state["moment_slopes"], ridge)
+        state["theta"], state["gamma"] = theta, gamma
+        hessian = self.preconditioner(theta, gamma)
+        # Before 2B rows the estimate is mostly prior and noise: keep plain directions.
+        if hessian is not None and state["rows"] >= 2 * self.num_blocks:
+            state["hessian"] = hessian
+
+    def solve(self, gram: torch.Tensor, moment: torch.Tensor, ridge: float) -> torch.Tensor:
+        """`theta = (R + k diag(R))^{-1} (r + k diag(R) theta_bar 1)` with `k = ridge`, solved after a Jacobi scaling
+        so that blocks of very different sizes are treated alike."""
+        ones = torch.ones_like(moment)
+        pooled = float(ones @ moment) / float(ones @ gram @ ones)
+        diag = gram.diagonal().clamp_min(torch.finfo(torch.float64).tiny)
+        s = diag.rsqrt()
+        lhs = s[:, None] * gram * s[None, :] + ridge * torch.eye(len(moment), dtype=torch.float64)
+        rhs = s * (moment + ridge * diag * pooled)
+        return s * torch.linalg.solve(lhs, rhs)
+
+    def preconditioner(self, theta: torch.Tensor, gamma: torch.Tensor | None = None) -> torch.Tensor | None:
+        """`H_b` from `theta` (and `gamma` for the `"gain"` rule), scaled so that `sum_b n_b theta_b / H_b =
+        sum_b n_b theta_b` (with `theta` floored): the trace that limits ZO-SGD's stable learning rate is that of
+        plain directions, so the learning rate keeps its scale. `None` (keep the current `H`) when no block has
+        positive curvature (or, for `"gain"`, no positive gradient energy)."""
+        n = self.block_sizes
+        positive = theta.clamp_min(0.0)
+        mean = float((n * positive).sum() / n.sum())
+        if not mean > 0.0 or not math.isfinite(mean):
+            return None
+        curv = positive.clamp_min(self.floor * mean)
+        if self.rule == "newton":
+            share = 1.0 / curv
+        else:
+            share = gamma.clamp_min(0.0) / curv
+            top = float(share.max())
+            if not top > 0.0 or not math.isfinite(top):
+                return None
+            share = share.clamp_min(self.floor * top)
+        # d_b = share_b / k with sum_b n_b curv_b d_b = sum_b n_b curv_b; H_b = 1 / d_b.
+        k = float((n * curv * share).sum() / (n * curv).sum())
+        return k / share
+
+    def stats(self, state: dict[str, Any]) -> dict[str, float]:
+        h, n = state["hessian"], self.block_sizes
+        return {
+            "hessian_mean": float((n * h).sum() / n.sum()),
+            "hessian_min": float(h.min()),
+            "hessian_max": float(h.max()),
+            "curvature_rows": float(state["rows"]),
+        }
+
+
+# ---- measurement and update with per-direction, per-tensor scales ------------------------------------------------
+
+
+@torch.no_grad()
+def block_directional_scalars(
+    loss_fn: Callable[[], torch.Tensor],
+    params: Sequence[torch.Tensor],
+    seed: int,
+    direction_scales: Sequence[Sequence[float]],
+    zo_eps: float,
+    central: bool,
+    source: DirectionSource,
+    loss0: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Like `zo_estimators.directional_scalars`, with `z_p = direction_scales[p][i] * u_{p,i}` tensor by tensor.
+
+    Returns `(f(x), slopes, curvatures, forward_passes)`; `curvatures` is NaN unless `central`.
+    """
+    num_directions = len(direction_scales)
+    passes = 0
+    if loss0 is None:
+        loss0 = loss_fn()
+        passes += 1
+    loss0 = loss0.detach()
+    f0 = loss0.double()
+    slopes = torch.empty(num_directions, dtype=torch.float32)
+    curvatures = torch.full((num_directions,), float("nan"), dtype=torch.float32)
+    for index, scales in enumerate(direction_scales):
+        perturb_(params, source, seed, index, zo_eps, scales)
+        loss_plus = loss_fn().detach().double()
+        passes += 1
+        if not central:
+            perturb_(params, source, seed, index, -zo_eps, scales)
+            slopes[index] = ((loss_plus - f0) / zo_eps).cpu()
+            continue
+        perturb_(params, source, seed, index, -2.0 * zo_eps, scales)
+        loss_minus = loss_fn().detach().double()
+        passes += 1
+        perturb_(params, source, seed, index, zo_eps, scales)
+        slopes[index] = ((loss_plus - loss_minus) / (2.0 * zo_eps)).cpu()
+        curvatures[index] = ((loss_plus + loss_minus - 2.0 * f0) / zo_eps**2).cpu()
+    return loss0, slopes, curvatures, passes
+
+
+@torch.no_grad()
+def block_aggregated_directions(
+    params: Sequence[torch.Tensor],
+    seed: int,
+    coefficients: torch.Tensor,
+    direction_scales: Sequence[Sequence[float]],
+    source: DirectionSource,
+    sq_norms: torch.Tensor | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yields, tensor by tensor, `v = (1 / P) * sum_p coefficients[p] * z_p` with `z_{p,i} = direction_scales[p][i]
+    * u_{p,i}`. If `sq_norms` (`(P, n_tensors)`, float64) is given, fills it with `||u_{p,i}||**2` on the way: the
+    features of the regression cost no extra generation of directions."""
+    num_directions = len(coefficients)
+    coeffs = [float(c) / num_directions for c in coefficients]
+    streams = [source.direction(params, seed, index, None) for index in range(num_directions)]
+    for i in range(len(params)):
+        v = None
+        for index, (stream, c) in enumerate(zip(streams, coeffs, strict=True)):
+            u = next(stream)
+            if sq_norms is not None:
+                sq_norms[index, i] = float(torch.linalg.vector_norm(u, dtype=torch.float64)) ** 2
+            alpha = c * direction_scales[index][i]
+            if v is None:
+                # A cached direction must not be scaled in place: it is reused by later micro-batches.
+                v = u * alpha if source.cache else u.mul_(alpha)
+            else:
+                v.add_(u, alpha=alpha)
+        yield v

@@ -1,0 +1,325 @@
+"""The block curvature preconditioner (hf_hiso.curvature): formulas against a dense reference, learning the truth on
+quadratics, replicas, checkpoints, LoRA, local steps and the default staying off."""
+
+import copy
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import hiso_args, tiny_bert, toy_dataset
+from reference import dense_direction
+
+from hf_hiso import FederatedZOCallback, HiSoConfig, HiSoOptimizer, HiSoTrainer
+from hf_hiso.curvature import BlockCurvature
+from hf_hiso.federated.protocol import replay
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def quadratic(hs, params):
+    """`f = 1/2 sum_b sum_i h_bi x_bi**2`: the true block curvature is `h_b.mean()`."""
+    return lambda: sum(0.5 * (h * p * p).sum() for h, p in zip(hs, params, strict=True))
+
+
+def make_params(sizes, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(n, generator=g, dtype=dtype)) for n in sizes]
+
+
+def test_off_by_default():
+    opt = HiSoOptimizer([torch.nn.Parameter(torch.zeros(3))])
+    assert opt.curvature is None and "curvature" not in opt.state and opt.block_hessian() is None
+    assert HiSoConfig(output_dir="unused", report_to="none").zo_curvature is False
+    assert HiSoConfig.zo_curvature is False
+
+
+def test_curvature_step_equals_dense_reference():
+    """Three directions, two tensors with a dense (non-diagonal) quadratic: after two steps (so that H is no longer
+    I), the third step's scalars, update and regression state follow the module's formulas literally."""
+    sizes, P, mu, lr = [3, 4], 3, 1e-3, 0.01
+    params = make_params(sizes)
+    g = torch.Generator().manual_seed(1)
+    m = torch.randn(7, 7, generator=g, dtype=torch.float64)
+    a_mat = m @ m.T / 7 + torch.diag(torch.tensor([0.1, 0.2, 0.3, 4.0, 5.0, 6.0, 7.0], dtype=torch.float64))
+
+    def flat():
+        return torch.cat([p.detach().flatten() for p in params])
+
+    def f_of(x):
+        return 0.5 * x @ a_mat @ x
+
+    loss_fn = lambda: f_of(torch.cat([p.flatten() for p in params]))  # noqa: E731
+    opt = HiSoOptimizer(params, lr=lr, zo_eps=mu, num_directions=P, curvature=True, curvature_forget=0.9, seed=3)
+    opt.step(loss_fn)
+    opt.step(loss_fn)
+    state = opt.state["curvature"]
+    assert state["rows"] == 2 * P
+    h_blocks = state["hessian"].clone()
+    assert not torch.equal(h_blocks, torch.ones(2, dtype=torch.float64))  # 2B = 4 rows reached: H follows theta
+    gram, moment, weight = state["gram"].clone(), state["moment"].clone(), state["weight"]
+
+    seed = opt.current_seed()
+    est = opt.curvature
+    factors = est.block_factors(seed, P)
+    x = flat()
+    zs, feats = [], []
+    for p in range(P):
+        u = dense_direction([torch.Size([n]) for n in sizes], seed, p).double()
+        scale = torch.cat([torch.full((n,), float(factors[p, b] / h_blocks[b].sqrt())) for b, n in enumerate(sizes)])
+        z = scale * u
+        zs.append(z)
+        feats.append(torch.stack([z[:3].square().sum(), z[3:].square().sum()]))
+    f0 = f_of(x)
+    g_ref = torch.stack([(f_of(x + mu * z) - f_of(x - mu * z)) / (2 * mu) for z in zs])
+    c_ref = torch.stack([(f_of(x + mu * z) + f_of(x - mu * z) - 2 * f0) / mu**2 for z in zs])
+    torch.testing.assert_close(c_ref, torch.stack([z @ a_mat @ z for z in zs]), rtol=1e-5, atol=1e-6)
+
+    loss0, slopes, curvatures = opt.measure(loss_fn, seed)
+    assert opt.last_forward_passes == 2 * P + 1
+    torch.testing.assert_close(slopes.double(), g_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(curvatures.double(), c_ref, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(flat(), x, rtol=0, atol=1e-12)  # restored
+
+    opt.accumulate(seed, slopes, curvatures)
+    opt.step()
+    x_ref = x - lr / P * sum(gp * z for gp, z in zip(slopes.double(), zs, strict=True))
+    torch.testing.assert_close(flat(), x_ref, rtol=0, atol=1e-7)
+
+    # Regression: R <- lambda R + X^T X, r <- lambda r + X^T c, N <- lambda N + P; theta from the literal formula.
+    xf = torch.stack(feats)
+    gram_ref = 0.9 * gram + xf.T @ xf
+    moment_ref = 0.9 * moment + xf.T @ curvatures.double()
+    torch.testing.assert_close(state["gram"], gram_ref, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(state["moment"], moment_ref, rtol=1e-6, atol=1e-9)
+    n_eff = 0.9 * weight + P
+    assert state["weight"] == pytest.approx(n_eff)
+    pooled = moment_ref.sum() / gram_ref.sum()
+    d = torch.diag(gram_ref.diagonal()) * (est.prior * 0.9**3 / n_eff)  # the prior fades with the third update
+    theta_ref = torch.linalg.solve(gram_ref + d, moment_ref + d @ torch.full((2,), float(pooled), dtype=torch.float64))
+    torch.testing.assert_close(state["theta"], theta_ref, rtol=1e-6, atol=1e-9)
+    n = torch.tensor(sizes, dtype=torch.float64)
+    pos = theta_ref.clamp_min(0)
+    floored = pos.clamp_min(est.floor * (n * pos).sum() / n.sum())
+    torch.testing.assert_close(state["hessian"], floored / ((n * floored).sum() / n.sum()), rtol=1e-6, atol=1e-9)
+
+
+def test_block_factors_are_seeded_with_mean_square_one():
+    est = BlockCurvature([0, 1, 2], [5, 5, 5], spread=0.75)
+    a = est.block_factors(123, 4)
+    torch.testing.assert_close(a, BlockCurvature([0, 1, 2], [5, 5, 5], spread=0.75).block_factors(123, 4))
+    assert not torch.equal(a, est.block_factors(124, 4))
+    many = torch.cat([est.block_factors(s, 5) for s in range(400)]).square()
+    assert many.min() >= 0.25 - 1e-12 and many.max() <= 1.75 + 1e-12
+    # mean of 6000 draws of U[0.25, 1.75] (std 0.43): within 5 standard errors of 1
+    assert abs(float(many.mean()) - 1.0) < 5 * 0.433 / math.sqrt(many.numel())
+    assert torch.equal(
+        BlockCurvature([0], [5], spread=0.0).block_factors(123, 3), torch.ones(3, 1, dtype=torch.float64)
+    )
+
+
+def _learn(curv_blocks, spread, steps=60, lr=0.0, seed=0, sizes=None, within=0.0):
+    sizes = sizes or [50] * len(curv_blocks)
+    g = torch.Generator().manual_seed(seed + 100)
+    hs = [
+        t * (1.0 + within * (2 * torch.rand(n, generator=g, dtype=torch.float64) - 1))
+        for t, n in zip(curv_blocks, sizes, strict=True)
+    ]
+    params = make_params(sizes, seed)
+    opt = HiSoOptimizer(params, lr=lr, num_directions=5, curvature=True, curvature_spread=spread, seed=seed)
+    loss_fn = quadratic(hs, params)
+    for _ in range(steps):
+        opt.step(loss_fn)
+    true = torch.stack([h.mean() for h in hs])
+    theta = opt.block_hessian()["theta"]
+    return theta, true, opt
+
+
+def test_learns_block_curvature_of_a_quadratic():
+    """Four decades of block curvature are recovered from the averaged second differences alone."""
+    curv = [0.01, 0.1, 1.0, 10.0, 100.0]
+    theta, true, opt = _learn(curv, spread=0.75, steps=60, lr=1e-4)
+    assert (theta > 0).all()
+    log_err = (theta.log10() - true.log10()).abs()
+    assert float(torch.corrcoef(torch.stack([theta.log10(), true.log10()]))[0, 1]) > 0.99
+    # Blocks above the floor (the ones that set H) are accurate; the flattest ones are pulled toward the pooled value
+    # by the fading prior, which does not matter: they sit at the floor either way.
+    n = opt.curvature.block_sizes
+    above = true > opt.curvature.floor * (n * true).sum() / n.sum()
+    assert float(log_err[above].max()) < 0.02, (theta, true)
+    h = opt.block_hessian()["hessian"]
+    assert float((n * h).sum() / n.sum()) == pytest.approx(1.0)  # normalised to mean 1 over entries
+    torch.testing.assert_close(h[above] / h[above][-1], true[above] / true[above][-1], rtol=0.05, atol=0)
+    assert torch.all(h[~above] == h.min())
+
+
+def test_random_block_factors_help_when_blocks_are_large():
+    """With large blocks and curvature that varies within each block, `||z_b||**2` alone barely varies between
+    directions (chi-square spread sqrt(2 / n_b)), so the regression is nearly rank one; the seeded block factors fix
+    that. Both estimates see the same directions' noise; only the factors differ."""
+    curv, sizes = [0.5, 2.0, 8.0, 1.0], [4000, 4000, 4000, 4000]
+    errs = {}
+    for spread in (0.0, 0.75):
+        theta, true, _ = _learn(curv, spread, steps=30, sizes=sizes, within=0.9)
+        errs[spread] = float((theta.clamp_min(1e-6).log() - true.log()).abs().mean())
+    assert errs[0.75] < 0.1
+    assert errs[0.0] > 3 * errs[0.75], errs
+
+
+def test_every_k_measures_a_share_of_steps_and_counts_passes():
+    params = make_params([20, 20])
+    hs = [torch.full((20,), 1.0, dtype=torch.float64), torch.full((20,), 10.0, dtype=torch.float64)]
+    loss_fn = quadratic(hs, params)
+    calls = {"n": 0}
+
+    def counted():
+        calls["n"] += 1
+        return loss_fn()
+
+    P, steps = 4, 90
+    opt = HiSoOptimizer(params, lr=1e-3, num_directions=P, curvature=True, curvature_every=3, seed=5)
+    curvature_steps = 0
+    for _ in range(steps):
+        seed = opt.current_seed()
+        curvature_steps += opt.curvature.is_curvature_step(seed)
+        before = calls["n"]
+        opt.step(counted)
+        expected = 2 * P + 1 if opt.curvature.is_curvature_step(seed) else P + 1
+        assert calls["n"] - before == expected == opt.last_forward_passes
+    # a seed-chosen third of the steps: binomial(90, 1/3) has std 4.5
+    assert abs(curvature_steps - steps / 3) < 4 * math.sqrt(steps * 2 / 9)
+    assert opt.state["curvature"]["updates"] == curvature_steps
+
+
+def test_state_dict_round_trip_and_wrong_blocks():
+    params = make_params([10, 30])
+    hs = [torch.full((10,), 1.0, dtype=torch.float64), torch.full((30,), 20.0, dtype=torch.float64)]
+    opt = HiSoOptimizer(params, lr=1e-3, curvature=True, seed=1)
+    for _ in range(5):
+        opt.step(quadratic(hs, params))
+    sd = copy.deepcopy(opt.state_dict())  # as through torch.save / torch.load
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = HiSoOptimizer(copies, lr=1e-3, curvature=True, seed=1)
+    opt2.load_state_dict(sd)
+    for key in ("gram", "moment", "theta", "hessian"):
+        torch.testing.assert_close(opt2.state["curvature"][key], opt.state["curvature"][key], rtol=0, atol=0)
+    opt.step(quadratic(hs, params))
+    opt2.step(quadratic(hs, copies))
+    for a, b in zip(params, copies, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    other = HiSoOptimizer([torch.nn.Parameter(torch.zeros(20)) for _ in range(2)], curvature=True)
+    with pytest.raises(ValueError, match="other blocks"):
+        other.load_state_dict(copy.deepcopy(sd))
+    plain = HiSoOptimizer([torch.nn.Parameter(torch.zeros(n)) for n in (10, 30)]).state_dict()
+    with pytest.raises(ValueError, match="no curvature state"):
+        HiSoOptimizer([torch.nn.Parameter(torch.zeros(n)) for n in (10, 30)], curvature=True).load_state_dict(plain)
+
+
+def test_scalar_reduce_averages_curvatures_too():
+    params = make_params([6, 6])
+    hs = [torch.ones(6, dtype=torch.float64), torch.full((6,), 3.0, dtype=torch.float64)]
+    opt = HiSoOptimizer(params, curvature=True, num_directions=2, seed=0)
+    seen = []
+
+    def reduce(t):
+        seen.append(t.clone())
+        return t
+
+    opt.scalar_reduce = reduce
+    opt.step(quadratic(hs, params))
+    assert len(seen) == 2 and torch.isfinite(seen[1]).all()  # slopes, then curvature scalars
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("zo_curvature_every", 0),
+        ("zo_curvature_forget", 0.0),
+        ("zo_curvature_floor", 0.0),
+        ("zo_curvature_spread", 1.5),
+        ("zo_curvature_prior", 0.0),
+        ("zo_curvature_blocks", "layer"),
+    ],
+)
+def test_invalid_config(tmp_path, field, value):
+    with pytest.raises(ValueError, match=field):
+        hiso_args(tmp_path, zo_curvature=True, **{field: value})
+
+
+def _lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS", init_lora_weights="gaussian")
+    return get_peft_model(model, config)
+
+
+def test_trainer_logs_passes_and_resumes_with_the_curvature_state(tmp_path):
+    kw = {"zo_curvature": True, "zo_num_directions": 3, "max_steps": 4}
+    full = HiSoTrainer(model=tiny_bert(), args=hiso_args(tmp_path / "full", **kw), train_dataset=toy_dataset(32))
+    full.train()
+    logged = [h for h in full.state.log_history if "loss" in h]
+    assert logged[0]["zo/forward_passes"] == 7  # 2P + 1: every step is a curvature step by default
+    assert logged[-1]["zo/curvature_rows"] == 12
+    opt = full.zo_optimizer
+    assert opt.hessian() is None and torch.isfinite(opt.state["curvature"]["theta"]).all()
+
+    args = hiso_args(tmp_path / "cut", save_strategy="steps", save_steps=2, **kw)
+    HiSoTrainer(model=tiny_bert(), args=args, train_dataset=toy_dataset(32)).train()
+    resumed = HiSoTrainer(model=tiny_bert(seed=7), args=args, train_dataset=toy_dataset(32))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / "out" / "checkpoint-2"))
+    for a, b in zip(opt.params, resumed.zo_optimizer.params, strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=1e-6)
+    assert resumed.zo_optimizer.state["curvature"]["rows"] == 12
+    for key in ("gram", "moment", "theta"):
+        torch.testing.assert_close(resumed.zo_optimizer.state["curvature"][key], opt.state["curvature"][key])
+
+
+def test_federated_lora_replica_rebuilt_from_history_with_curvature(tmp_path):
+    """LoRA adapter + head, two local steps per round: seeds, averaged slopes and averaged curvature scalars rebuild
+    the adapter and the curvature state exactly (H has left I, so the replay depends on it); the ledger counts two
+    scalars per direction."""
+    rounds, clients, sampled, tau, P = 4, 4, 2, 2, 3
+    kw = {"max_steps": rounds, "zo_num_directions": P, "zo_curvature": True, "per_device_train_batch_size": 4}
+    callback = FederatedZOCallback(
+        num_clients=clients, clients_per_round=sampled, local_steps=tau, partition="iid", history_retention="all"
+    )
+    trainer = HiSoTrainer(
+        model=_lora(tiny_bert()), args=hiso_args(tmp_path, **kw), train_dataset=toy_dataset(32), callbacks=[callback]
+    )
+    trainer.train()
+    opt = trainer.zo_optimizer
+    trained_state = opt.state["curvature"]
+    assert opt.curvature.num_blocks == len([p for p in trainer.model.parameters() if p.requires_grad])
+    assert trained_state["rows"] == rounds * tau * P >= 2 * opt.curvature.num_blocks
+    assert not torch.equal(trained_state["hessian"], torch.ones_like(trained_state["hessian"]))
+    history = [callback.server.history[r] for r in sorted(callback.server.history)]
+    assert all(h.curvatures is not None and torch.isfinite(h.curvatures).all() for h in history)
+
+    replica_trainer = HiSoTrainer(
+        model=_lora(tiny_bert()), args=hiso_args(tmp_path / "replica", **kw), train_dataset=toy_dataset(8)
+    )
+    replica_trainer.create_optimizer()
+    replica = replica_trainer.zo_optimizer
+    replay(replica, history)
+    for a, b in zip(replica.params, opt.params, strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=1e-6)
+    for key in ("gram", "moment", "theta", "hessian"):
+        torch.testing.assert_close(replica.state["curvature"][key], trained_state[key], rtol=1e-9, atol=0)
+    assert callback.ledger.scalars_per_direction == 2
+    assert callback.ledger.bytes_uplink_total == rounds * sampled * tau * P * 2 * 4
+
+
+@pytest.mark.slow
+def test_quadratic_benchmark_quick(tmp_path):
+    png = tmp_path / "q.png"
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "quadratic.py"), "--quick", "--plot", str(png)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| block | block |" in out.stdout and png.stat().st_size > 0
