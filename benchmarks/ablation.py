@@ -282,6 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--full-model-lr", type=float, default=1e-5)
     args = parser.parse_args(argv)
     hf_logging.set_verbosity_error()
+    torch.set_num_threads(1)  # small products: a second thread only adds overhead on a shared machine
     settings = SETTINGS[args.mode]
     conv_mode = MODES[args.mode]
     lr = args.lr if args.lr is not None else default_lr(args.mode)

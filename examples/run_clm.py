@@ -24,6 +24,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
@@ -39,6 +40,9 @@ from transformers.utils import logging  # noqa: E402
 
 from hf_hiso import HiSoConfig, HiSoTrainer  # noqa: E402
 
+# peft's LayerNorm tuning warns about any norm class it does not list (LlamaRMSNorm); it wraps a trainable copy of
+# the module, which works for RMSNorm as for LayerNorm.
+warnings.filterwarnings("ignore", message="Unsupported layer type", category=UserWarning)
 logger = logging.get_logger("run_clm")
 
 # The embedded default run; command-line arguments are appended, so they win.

@@ -55,18 +55,10 @@ _STEP_TAG = 0xC0B1C0B1
 _FACTOR_TAG = 0xB10CFAC7
 
 BLOCKINGS = ("tensor", "group")
-RULES = ("newton", "gain")
 
 
 def check_curvature_settings(
-    *,
-    every: int,
-    forget: float,
-    floor: float,
-    spread: float,
-    prior: float,
-    rule: str = "newton",
-    prefix: str = "curvature_",
+    *, every: int, forget: float, floor: float, spread: float, prior: float, prefix: str = "curvature_"
 ) -> None:
     """Raises a `ValueError` naming the field (with `prefix`, e.g. `"zo_curvature_"`) and the allowed values."""
 
@@ -84,8 +76,6 @@ def check_curvature_settings(
         raise bad("floor", "in (0, 1] (the smallest block value relative to the mean curvature)", floor)
     if not (number(spread) and 0.0 <= spread <= 1.0):
         raise bad("spread", "in [0, 1] (half-width of the block factors a**2 ~ U[1 - w, 1 + w])", spread)
-    if rule not in RULES:
-        raise bad("rule", f"one of {RULES}", rule)
     if not (number(prior) and prior > 0.0):
         raise bad("prior", "a finite number > 0 (the weight of the shrinkage toward the pooled curvature)", prior)
 
@@ -134,10 +124,8 @@ class BlockCurvature:
         floor: float = 1e-2,
         spread: float = 0.75,
         prior: float = 1.0,
-        rule: str = "newton",
     ):
-        check_curvature_settings(every=every, forget=forget, floor=floor, spread=spread, prior=prior, rule=rule)
-        self.rule = rule
+        check_curvature_settings(every=every, forget=forget, floor=floor, spread=spread, prior=prior)
         self.block_of = list(block_of)
         self.num_blocks = len(block_sizes)
         if sorted(set(self.block_of)) != list(range(self.num_blocks)):
@@ -171,9 +159,7 @@ class BlockCurvature:
         return {
             "gram": torch.zeros(b, b, dtype=torch.float64),
             "moment": torch.zeros(b, dtype=torch.float64),
-            "moment_slopes": torch.zeros(b, dtype=torch.float64),
             "theta": torch.full((b,), float("nan"), dtype=torch.float64),
-            "gamma": torch.full((b,), float("nan"), dtype=torch.float64),
             "hessian": torch.ones(b, dtype=torch.float64),
             "block_sizes": self.block_sizes.clone(),
             "weight": 0.0,
@@ -230,30 +216,26 @@ class BlockCurvature:
 
     # ---- learning -------------------------------------------------------------------------------------------------
 
-    def update(
-        self, state: dict[str, Any], features: torch.Tensor, curvatures: torch.Tensor, slopes: torch.Tensor
-    ) -> None:
-        """Adds one curvature step's rows (features `(P, B)`, averaged `c` and `g`, `(P,)` each) with forgetting,
-        re-solves `theta` and `gamma` and sets `H`. Rows with a non-finite `c` or `g` are skipped (and counted):
-        every party skips the same ones."""
-        c, g2 = curvatures.double(), slopes.double().square()
-        keep = torch.isfinite(c) & torch.isfinite(g2) & torch.isfinite(features).all(1)
+    def update(self, state: dict[str, Any], features: torch.Tensor, curvatures: torch.Tensor) -> None:
+        """Adds one curvature step's rows (features `(P, B)`, averaged `c` `(P,)`) with forgetting, re-solves `theta`
+        and sets `H`. Rows with a non-finite `c` are skipped (and counted): every party skips the same ones."""
+        c = curvatures.double()
+        keep = torch.isfinite(c) & torch.isfinite(features).all(1)
         state["skipped_rows"] += int((~keep).sum())
         if not bool(keep.any()):
             return
-        x, c, g2 = features[keep], c[keep], g2[keep]
+        x, c = features[keep], c[keep]
         # New tensors rather than in-place updates: a `state_dict()` taken earlier must not change under it.
         state["gram"] = self.forget * state["gram"] + x.T @ x
         state["moment"] = self.forget * state["moment"] + x.T @ c
-        state["moment_slopes"] = self.forget * state["moment_slopes"] + x.T @ g2
         state["weight"] = self.forget * state["weight"] + len(c)
         state["rows"] += len(c)
         state["updates"] += 1
-        ridge = self.prior * self.forget ** state["updates"] / state["weight"]
-        theta = self.solve(state["gram"], state["moment"], ridge)
-        gamma = self.solve(state["gram"], state["moment_slopes"], ridge)
-        state["theta"], state["gamma"] = theta, gamma
-        hessian = self.preconditioner(theta, gamma)
+        theta = self.solve(
+            state["gram"], state["moment"], self.prior * self.forget ** state["updates"] / state["weight"]
+        )
+        state["theta"] = theta
+        hessian = self.preconditioner(theta)
         # Before 2B rows the estimate is mostly prior and noise: keep plain directions.
         if hessian is not None and state["rows"] >= 2 * self.num_blocks:
             state["hessian"] = hessian
@@ -269,28 +251,18 @@ class BlockCurvature:
         rhs = s * (moment + ridge * diag * pooled)
         return s * torch.linalg.solve(lhs, rhs)
 
-    def preconditioner(self, theta: torch.Tensor, gamma: torch.Tensor | None = None) -> torch.Tensor | None:
-        """`H_b` from `theta` (and `gamma` for the `"gain"` rule), scaled so that `sum_b n_b theta_b / H_b =
-        sum_b n_b theta_b` (with `theta` floored): the trace that limits ZO-SGD's stable learning rate is that of
-        plain directions, so the learning rate keeps its scale. `None` (keep the current `H`) when no block has
-        positive curvature (or, for `"gain"`, no positive gradient energy)."""
+    def preconditioner(self, theta: torch.Tensor) -> torch.Tensor | None:
+        """`H_b` from `theta`: positive part, floored at `floor` times the entry-weighted mean, normalised to mean 1
+        over entries, which is the scaling that keeps `sum_b n_b theta_b / H_b` (the trace that limits ZO-SGD's stable
+        learning rate) equal to that of plain directions. `None` (keep the current `H`) when no block has positive
+        curvature."""
         n = self.block_sizes
         positive = theta.clamp_min(0.0)
         mean = float((n * positive).sum() / n.sum())
         if not mean > 0.0 or not math.isfinite(mean):
             return None
-        curv = positive.clamp_min(self.floor * mean)
-        if self.rule == "newton":
-            share = 1.0 / curv
-        else:
-            share = gamma.clamp_min(0.0) / curv
-            top = float(share.max())
-            if not top > 0.0 or not math.isfinite(top):
-                return None
-            share = share.clamp_min(self.floor * top)
-        # d_b = share_b / k with sum_b n_b curv_b d_b = sum_b n_b curv_b; H_b = 1 / d_b.
-        k = float((n * curv * share).sum() / (n * curv).sum())
-        return k / share
+        floored = positive.clamp_min(self.floor * mean)
+        return floored / float((n * floored).sum() / n.sum())
 
     def stats(self, state: dict[str, Any]) -> dict[str, float]:
         h, n = state["hessian"], self.block_sizes

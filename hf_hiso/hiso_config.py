@@ -73,15 +73,6 @@ class ZOArguments:
             "Curvature steps use central differences (2P + 1 passes) and send one more scalar per direction."
         },
     )
-    zo_curvature_rule: str = field(
-        default="newton",
-        metadata={
-            "help": "How block preconditioner values follow the learned scalars: 'newton' (H_b proportional to the "
-            "block curvature theta_b) or 'gain' (directions weighted by gradient energy per unit of curvature, "
-            "gamma_b / theta_b, also learned from the scalars: blocks with little gradient are perturbed less).",
-            "choices": ["newton", "gain"],
-        },
-    )
     zo_curvature_blocks: str = field(
         default="tensor",
         metadata={
@@ -139,7 +130,6 @@ class ZOArguments:
             floor=self.zo_curvature_floor,
             spread=self.zo_curvature_spread,
             prior=self.zo_curvature_prior,
-            rule=self.zo_curvature_rule,
             prefix="zo_curvature_",
         )
 
@@ -170,7 +160,6 @@ class ZOArguments:
             "curvature_floor": self.zo_curvature_floor,
             "curvature_spread": self.zo_curvature_spread,
             "curvature_prior": self.zo_curvature_prior,
-            "curvature_rule": self.zo_curvature_rule,
         }
 
 

@@ -266,6 +266,8 @@ class LabelWordCollator:
 def _logits_of(outputs: Any) -> torch.Tensor:
     if isinstance(outputs, torch.Tensor):
         return outputs
+    if isinstance(outputs, tuple):  # return_dict=False; no labels reach the model, so the logits come first
+        return outputs[0]
     return outputs["logits"] if isinstance(outputs, dict) else outputs.logits
 
 
@@ -431,25 +433,16 @@ def predict_label_words(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    scores, gold, chunk = [], [], []
+    examples = list(dataset)
+    scores, gold = [], []
     try:
-
-        def flush() -> None:
-            batch = {k: v.to(device) for k, v in collator(chunk).items()}
-            scores.append(
-                label_word_scores(
-                    model, **batch, label_word_ids=label_word_ids, pad_token_id=collator.pad_token_id
-                ).cpu()
+        for start in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in collator(examples[start : start + batch_size]).items()}
+            batch_scores = label_word_scores(
+                model, **batch, label_word_ids=label_word_ids, pad_token_id=collator.pad_token_id
             )
+            scores.append(batch_scores.cpu())
             gold.append(gold_classes(batch["labels"].cpu(), label_word_ids))
-            chunk.clear()
-
-        for example in dataset:
-            chunk.append(example)
-            if len(chunk) == batch_size:
-                flush()
-        if chunk:
-            flush()
     finally:
         model.train(was_training)
     return torch.cat(scores), torch.cat(gold)

@@ -85,7 +85,7 @@ class HiSoOptimizer(torch.optim.Optimizer):
             differences and report one curvature scalar per direction beside the slope.
         curvature_blocks: `"tensor"` (one block per trainable tensor), `"group"` (per parameter group) or a block id
             per tensor.
-        curvature_every, curvature_forget, curvature_floor, curvature_spread, curvature_prior, curvature_rule: see
+        curvature_every, curvature_forget, curvature_floor, curvature_spread, curvature_prior: see
             [`~hf_hiso.curvature.BlockCurvature`].
     """
 
@@ -113,7 +113,6 @@ class HiSoOptimizer(torch.optim.Optimizer):
         curvature_floor: float = 1e-2,
         curvature_spread: float = 0.75,
         curvature_prior: float = 1.0,
-        curvature_rule: str = "newton",
     ):
         check_zo_settings(
             zo_eps=zo_eps,
@@ -132,7 +131,6 @@ class HiSoOptimizer(torch.optim.Optimizer):
             "floor": curvature_floor,
             "spread": curvature_spread,
             "prior": curvature_prior,
-            "rule": curvature_rule,
         }
         if curvature:
             check_curvature_settings(**curvature_kwargs)
@@ -389,12 +387,12 @@ class HiSoOptimizer(torch.optim.Optimizer):
         # The features use H before this update (the one the directions were measured with), so they are computed
         # for every step first; H changes only after all of them.
         rows = [
-            (est.features(state, u.seed, n), u.curvatures, u.slopes)
+            (est.features(state, u.seed, n), u.curvatures)
             for u, n in zip(updates, norms, strict=True)
             if n is not None
         ]
-        for features, curvatures, slopes in rows:
-            est.update(state, features, curvatures, slopes)
+        for features, curvatures in rows:
+            est.update(state, features, curvatures)
         if rows:
             self._scales = None
 

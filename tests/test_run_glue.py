@@ -202,8 +202,10 @@ def test_no_arguments_is_the_embedded_default():
     assert data_args.task_name == "tweets_sentiment"
     assert peft_args.use_peft and fed_args.num_clients > fed_args.clients_per_round > 0
     assert fed_args.partition == "dirichlet"
+    parsed = (model_args, data_args, peft_args, fed_args, training_args)
     for key, value in run_glue.EXAMPLE_DEFAULTS.items():
-        assert getattr(training_args, key) == value or key == "report_to", key
+        owner = next(obj for obj in parsed if hasattr(obj, key))
+        assert getattr(owner, key) == value or key == "report_to", key
     # A single option keeps every other default of the embedded run.
     *_, fed2, args2 = run_glue.parse_args(["--max_steps", "7"])
     assert args2.max_steps == 7 and args2.learning_rate == run_glue.EXAMPLE_DEFAULTS["learning_rate"]
