@@ -1,6 +1,7 @@
 """Catch-up cost: a client that missed `n` rounds replays them from seeds and scalars, or downloads the model.
 
-For each trainable set of the packaged all-MiniLM-L6-v2 (full model, LoRA r = 8 on query/value + head, head only):
+For each trainable set of the packaged all-MiniLM-L6-v2 (full model; LoRA r = 8 on query/value + classifier; pooler +
+classifier, the convergence benchmark's set; classifier only):
 
 * **Replay** (`hf_hiso.federated.protocol.replay`): measured wall time to apply `n` missed rounds (P = 5, tau = 1: per
   round, regenerate the 5 directions, apply the update, update H) and the bytes of its downlink as the
@@ -11,7 +12,8 @@ For each trainable set of the packaged all-MiniLM-L6-v2 (full model, LoRA r = 8 
   `load_state_dict` them (page cache warm: the network transfer is not measured; the time it would take at a given
   bandwidth is printed as arithmetic, labelled as such).
 
-Wall times on a shared machine include waiting for a core, so CPU times (`time.process_time`) are recorded beside them.
+Wall times on a shared machine include waiting for a core, so CPU times (`time.process_time`, one torch thread) are
+recorded beside them and used for the break-even counts.
 The history's scalars are random (their values do not change the cost); the learning rate is small so the replayed
 model stays sane.
 
@@ -22,6 +24,7 @@ model stays sane.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -41,6 +44,7 @@ from hf_hiso.federated.protocol import RoundRecord, apply_round, replay  # noqa:
 from hf_hiso.zo_estimators import step_seed  # noqa: E402
 
 P, TAU, LR = 5, 1, 1e-6
+SETUPS = ("full", "lora", "pooler_head", "head")
 BANDWIDTHS = {"10 MB/s": 10e6, "100 MB/s": 100e6}
 
 
@@ -59,9 +63,11 @@ def build(setup: str, quick: bool) -> torch.nn.Module:
             model,
             LoraConfig(r=8, target_modules=["query", "value"], modules_to_save=["classifier"], task_type="SEQ_CLS"),
         )
-    elif setup == "head":
+    elif setup in ("head", "pooler_head"):
+        # "pooler_head" is the trainable set of the convergence benchmark.
+        prefixes = ("classifier",) if setup == "head" else ("classifier", "bert.pooler")
         for name, p in model.named_parameters():
-            p.requires_grad_(name.startswith("classifier"))
+            p.requires_grad_(name.startswith(prefixes))
     return model.eval()
 
 
@@ -165,21 +171,37 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--output-json", type=Path, default=None)
+    parser.add_argument(
+        "--setups",
+        nargs="*",
+        default=None,
+        help="only these (full, lora, pooler_head, head); others kept from the JSON",
+    )
     args = parser.parse_args(argv)
+    # One thread: on a shared machine a second torch thread spin-waits for a core, which inflates both wall and CPU
+    # time; single-threaded CPU time is the stable figure.
+    torch.set_num_threads(1)
     print(f"machine: {machine()}; P = {P}, tau = {TAU}, float32")
     if args.quick:
-        plan = {"full": [1, 10], "lora": [1, 10], "head": [1, 10]}
+        plan = {"full": [1, 10], "lora": [1, 10], "pooler_head": [1, 10], "head": [1, 10]}
         reps = 1
     else:
-        plan = {"full": [1, 2, 4], "lora": [1, 10, 100], "head": [1, 10, 100, 1000]}
+        plan = {"full": [1, 2, 4], "lora": [1, 10, 100], "pooler_head": [1, 10, 100], "head": [1, 10, 100, 1000]}
         reps = 3
+    if args.setups:
+        plan = {k: v for k, v in plan.items() if k in args.setups}
+    path = args.output_json or RESULTS_DIR / "catchup" / ("quick.json" if args.quick else "full.json")
+    kept = []
+    if args.setups and path.exists():
+        kept = [s for s in json.loads(path.read_text())["setups"] if s["setup"] not in plan]
+    measured = [measure(s, r, args.quick, reps) for s, r in plan.items()]
+    order = list(SETUPS)
     results = {
         "machine": machine(),
         "P": P,
         "tau": TAU,
-        "setups": [measure(s, r, args.quick, reps) for s, r in plan.items()],
+        "setups": sorted(kept + measured, key=lambda s: order.index(s["setup"])),
     }
-    path = args.output_json or RESULTS_DIR / "catchup" / ("quick.json" if args.quick else "full.json")
     write_json(path, results)
     print(f"results: {path}")
 

@@ -414,12 +414,18 @@ def tail_accuracy(run: dict, share: float = 0.1) -> float:
     return statistics.fmean(tail)
 
 
-def first_reach(run: dict, target: float) -> tuple[int, int] | None:
-    """(round, bytes) of the first evaluation at or above `target`, or None."""
+def first_reach(run: dict, target: float) -> tuple[int, int, int] | None:
+    """(round, bytes, bytes in the paper's convention) of the first evaluation at or above `target`, or None."""
     for h in run["history"]:
         if h["accuracy"] >= target - 1e-12:
-            return h["round"], h.get("bytes_total", 0)
+            return h["round"], h.get("bytes_total", 0), h.get("paper_bytes", 0)
     return None
+
+
+def mean_curve(runs: list[dict]) -> tuple[list[int], list[float]]:
+    n = min(len(r["history"]) for r in runs)
+    rounds = [h["round"] for h in runs[0]["history"][:n]]
+    return rounds, [statistics.fmean(r["history"][i]["accuracy"] for r in runs) for i in range(n)]
 
 
 def best_lrs(runs: list[dict], seeds: list[int]) -> dict[str, tuple[float, dict[float, float]]]:
@@ -467,18 +473,20 @@ def summarize(results_dir: Path) -> dict[str, Any]:
                 for s in sorted(set(at_best["hiso"]) & set(at_best["decomfl"])):
                     dec = at_best["decomfl"][s]
                     target = max(h["accuracy"] for h in dec["history"])
-                    dec_round, dec_bytes = first_reach(dec, target)
+                    dec_round, dec_bytes, dec_paper = first_reach(dec, target)
                     row = {
                         "seed": s,
                         "target": target,
                         "decomfl_rounds": dec_round,
                         "decomfl_bytes": dec_bytes,
+                        "decomfl_paper_bytes": dec_paper,
                     }
                     for m in ("hiso", "fedavg", "mezo"):
                         run = at_best.get(m, {}).get(s)
                         reach = first_reach(run, target) if run else None
                         row[f"{m}_rounds"] = reach[0] if reach else None
                         row[f"{m}_bytes"] = reach[1] if reach else None
+                        row[f"{m}_paper_bytes"] = reach[2] if reach else None
                     row["speedup"] = dec_round / row["hiso_rounds"] if row["hiso_rounds"] else None
                     per_seed.append(row)
             entry["rounds_to_decomfl_best"] = per_seed
@@ -486,9 +494,34 @@ def summarize(results_dir: Path) -> dict[str, Any]:
             entry["speedup"] = {
                 "reached": f"{len(speedups)}/{len(per_seed)}",
                 "mean": statistics.fmean(speedups) if speedups else None,
+                "median": statistics.median(speedups) if speedups else None,
                 "min": min(speedups) if speedups else None,
                 "max": max(speedups) if speedups else None,
             }
+            # The same metric on the seed-mean curves (less sensitive to one lucky evaluation).
+            if "hiso" in at_best and "decomfl" in at_best:
+                seeds_both = sorted(set(at_best["hiso"]) & set(at_best["decomfl"]))
+                r_dec, a_dec = mean_curve([at_best["decomfl"][s] for s in seeds_both])
+                r_hiso, a_hiso = mean_curve([at_best["hiso"][s] for s in seeds_both])
+                target = max(a_dec)
+                dec_round = r_dec[a_dec.index(target)]
+                hiso_round = next((r for r, a in zip(r_hiso, a_hiso, strict=True) if a >= target - 1e-12), None)
+                by_lr = {}
+                for lr in sorted({r["lr"] for r in group if r["method"] == "hiso"}):
+                    runs_lr = [r for r in group if r["method"] == "hiso" and r["lr"] == lr and r["seed"] in seeds_both]
+                    if len(runs_lr) == len(seeds_both):
+                        r_l, a_l = mean_curve(runs_lr)
+                        reach = next((r for r, a in zip(r_l, a_l, strict=True) if a >= target - 1e-12), None)
+                        by_lr[f"{lr:g}"] = {"rounds": reach, "best": max(a_l)}
+                entry["mean_curve"] = {
+                    "hiso_by_lr": by_lr,
+                    "seeds": seeds_both,
+                    "decomfl_best": target,
+                    "decomfl_rounds": dec_round,
+                    "hiso_rounds": hiso_round,
+                    "hiso_best": max(a_hiso),
+                    "speedup": dec_round / hiso_round if hiso_round else None,
+                }
             entry["seeds"] = seeds
             report[f"{task}/{fed}"] = entry
     return report
@@ -523,18 +556,38 @@ def print_report(report: dict[str, Any]) -> None:
                     for m in ("hiso", "fedavg")
                 )
                 sp = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
+                paper = (
+                    f"; paper convention: DeComFL {fmt_bytes(r['decomfl_paper_bytes'])}, HiSo "
+                    f"{fmt_bytes(r['hiso_paper_bytes'])}"
+                )
                 print(
                     f"  seed {r['seed']}: target {r['target']:.4f}; DeComFL {r['decomfl_rounds']} "
-                    f"({fmt_bytes(r['decomfl_bytes'])}); {cells}; speedup {sp}"
+                    f"({fmt_bytes(r['decomfl_bytes'])}); {cells}; speedup {sp}{paper}"
                 )
             s = e["speedup"]
             if s["mean"] is not None:
                 print(
-                    f"  HiSo speedup: mean {s['mean']:.2f}x, min {s['min']:.2f}x, max {s['max']:.2f}x "
-                    f"(reached in {s['reached']} seeds)"
+                    f"  HiSo speedup: mean {s['mean']:.2f}x, median {s['median']:.2f}x, min {s['min']:.2f}x, "
+                    f"max {s['max']:.2f}x (reached in {s['reached']} seeds)"
                 )
             else:
                 print(f"  HiSo never reached DeComFL's best accuracy ({s['reached']} seeds)")
+        mc = e.get("mean_curve")
+        if mc:
+            hr = mc["hiso_rounds"] if mc["hiso_rounds"] is not None else "not reached"
+            sp = f"{mc['speedup']:.2f}x" if mc["speedup"] else "-"
+            print(
+                f"on the seed-mean curves ({len(mc['seeds'])} seeds): DeComFL's best {mc['decomfl_best']:.4f} at "
+                f"round {mc['decomfl_rounds']}; HiSo reaches it at round {hr} (its own best {mc['hiso_best']:.4f}); "
+                f"speedup {sp}"
+            )
+            cells = ", ".join(
+                f"lr {lr}: {v['rounds'] if v['rounds'] is not None else '-'} (best {v['best']:.4f})"
+                for lr, v in mc["hiso_by_lr"].items()
+            )
+            print(
+                f"  HiSo at every lr of the grid, rounds to that accuracy (not a fair pick, for reading only): {cells}"
+            )
 
 
 def plot(results_dir: Path, report: dict[str, Any], docs_dir: Path, prefix: str) -> list[Path]:

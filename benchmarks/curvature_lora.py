@@ -76,7 +76,7 @@ def trainable_model(model, method: str):
     return get_peft_model(model, LoraConfig(r=8, target_modules=["query", "value"], task_type="SEQ_CLS")).eval()
 
 
-def make_optimizer(method: str, model, lr: float, seed: int) -> HiSoOptimizer:
+def make_optimizer(method: str, model, lr: float, seed: int, floor: float | None = None) -> HiSoOptimizer:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     common = {"lr": lr, "zo_eps": 1e-3, "num_directions": 5, "seed": seed}
@@ -90,7 +90,8 @@ def make_optimizer(method: str, model, lr: float, seed: int) -> HiSoOptimizer:
             opt.state[p]["hessian"] = torch.full_like(p, 100.0 if "lora_" in n else 1.0, dtype=torch.float32)
         opt._scales = None
         return opt
-    return HiSoOptimizer(params, curvature=True, curvature_every=4 if method == "block4" else 1, **common)
+    extra = {} if floor is None else {"curvature_floor": floor}
+    return HiSoOptimizer(params, curvature=True, curvature_every=4 if method == "block4" else 1, **common, **extra)
 
 
 @torch.no_grad()
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-length", type=int, default=32)
     parser.add_argument("--val-size", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--floor", type=float, default=None, help="curvature_floor (default: the library's)")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the run's record")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1 is about 5x faster than 2 on a busy 2-core machine)"
@@ -136,16 +138,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     model, train, val = load(args.max_length, args.val_size, args.seed)
     model = trainable_model(model, args.method)
-    opt = make_optimizer(args.method, model, args.lr, args.seed)
+    opt = make_optimizer(args.method, model, args.lr, args.seed, args.floor)
     d = sum(p.numel() for p in opt.params)
+    est = opt.curvature
+    settings = "" if est is None else f", curvature floor {est.floor:g} spread {est.spread:g} every {est.every}"
     print(
         f"# {args.method} lr {args.lr:g}: {d} trainable entries in {len(opt.params)} tensors, "
-        f"{torch.get_num_threads()} threads",
+        f"{torch.get_num_threads()} threads{settings}",
         flush=True,
     )
     gen = torch.Generator().manual_seed(args.seed)
     n_train = train["labels"].shape[0]
     record = {"method": args.method, "lr": args.lr, "trainable": d, "evals": []}
+    if est is not None:
+        record["curvature"] = {"floor": est.floor, "spread": est.spread, "every": est.every, "forget": est.forget}
     passes, losses, t0 = 0, [], time.time()
 
     def evaluate(step: int) -> None:

@@ -18,15 +18,20 @@ Methods, all `HiSoOptimizer.step(closure)`, P = 5, mu = 1e-3, centralized:
 * `oracle_block`: `H` frozen at the true block means (what a perfect block estimate gives), forward difference;
 * `block`: `curvature=True` (hf_hiso.curvature, defaults): central differences on every step (2P + 1 passes);
 * `block_noscale`: the same without the random block factors (`curvature_spread=0`);
-* `block_every4`: `curvature_every=4`: a quarter of the steps central, the others forward.
+* `block_every4`: `curvature_every=4`: a quarter of the steps central, the others forward;
+* `block_floor1e-2`: `curvature_floor=1e-2` (ten times the default floor).
 
 Each method runs at its own best learning rate from a factor-2 grid (searched from the top down, stopping once two
 smaller rates are worse). Reported: steps (and forward passes) to reach `f <= target * f(x0)` (at most `max_steps`),
 else the best loss ratio reached; for `hiso`, the correlation of `log H` with `log h` over coordinates; for the
 learned block methods, the correlation of `log theta` with the log of the true block means and the mean absolute
-error of `log10 theta` (decades), after 100 steps and at the end.
+error of `log10 theta` (decades), after 100 steps and at the end; and `f / f(x0)` after as many forward passes as
+plain ZO-SGD spends in `max_steps` steps (`6 * max_steps`), for the comparison at equal compute.
 
-    python benchmarks/quadratic.py            # about 30 minutes on 2 shared cores
+A second part measures the estimate alone (lr = 0) on 10 blocks of 10,000 entries with a 0.1x..1.9x curvature spread
+inside each block, for several half-widths `w` of the random block factors: are the factors needed?
+
+    python benchmarks/quadratic.py            # about 70 minutes on 2 shared cores
     python benchmarks/quadratic.py --quick    # seconds (smoke test)
 """
 
@@ -48,8 +53,13 @@ from hf_hiso import HiSoOptimizer
 
 DOCS_DIR = Path(__file__).resolve().parents[1] / "docs"
 PROBLEMS = ("coordinate", "coordinate_sorted", "block")
-METHODS = ("plain", "hiso", "oracle", "oracle_block", "block", "block_noscale", "block_every4")
-LEARNED = ("block", "block_noscale", "block_every4")
+METHODS = ("plain", "hiso", "oracle", "oracle_block", "block", "block_noscale", "block_every4", "block_floor1e-2")
+LEARNED = ("block", "block_noscale", "block_every4", "block_floor1e-2")
+VARIANTS = {
+    "block_noscale": {"curvature_spread": 0.0},
+    "block_every4": {"curvature_every": 4},
+    "block_floor1e-2": {"curvature_floor": 1e-2},
+}
 
 
 class FixedPreconditionerOptimizer(HiSoOptimizer):
@@ -86,8 +96,7 @@ def make_optimizer(method: str, params: list[torch.Tensor], h: torch.Tensor, lr:
             opt.state[p]["hessian"] = row.float().clone()
         opt._scales = None
         return opt
-    extra = {"block_noscale": {"curvature_spread": 0.0}, "block_every4": {"curvature_every": 4}}.get(method, {})
-    return HiSoOptimizer(params, curvature=True, difference="forward", **common, **extra)
+    return HiSoOptimizer(params, curvature=True, difference="forward", **common, **VARIANTS.get(method, {}))
 
 
 def log_corr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -122,7 +131,7 @@ def run(problem: dict[str, Any], method: str, lr: float, max_steps: int, target:
 
     with torch.no_grad():
         f0 = float(loss())
-    curve, passes, reached, early = [1.0], 0, None, None
+    curve, passes_curve, passes, reached, early = [1.0], [0], 0, None, None
     best = 1.0
     for step in range(1, max_steps + 1):
         opt.step(loss)
@@ -131,11 +140,12 @@ def run(problem: dict[str, Any], method: str, lr: float, max_steps: int, target:
             ratio = float(loss()) / f0
         if step % 10 == 0:
             curve.append(ratio)
+            passes_curve.append(passes)
         if step == 100:
             early = learned_curvature(method, opt, h)
         best = min(best, ratio) if math.isfinite(ratio) else best
         if not math.isfinite(ratio) or ratio > 1e2:
-            return {"lr": lr, "diverged": True, "steps": None, "best_ratio": best, "curve": curve}
+            return {"lr": lr, "diverged": True, "steps": None, "best_ratio": best, "curve": curve, "passes_curve": []}
         if ratio <= target:
             reached = step
             break
@@ -147,6 +157,7 @@ def run(problem: dict[str, Any], method: str, lr: float, max_steps: int, target:
         "final_ratio": ratio,
         "best_ratio": best,
         "curve": curve,
+        "passes_curve": passes_curve,
         "learned_100": early,
         "learned_end": learned_curvature(method, opt, h),
     }
@@ -187,6 +198,16 @@ def fmt_result(res: dict[str, Any], max_steps: int) -> str:
     return f"{res['steps']} ({res['passes']} passes)"
 
 
+def at_passes(res: dict[str, Any], budget: int, target: float) -> str:
+    """`f / f(x0)` after `budget` forward passes (the last point recorded within it)."""
+    if res["diverged"]:
+        return "diverged"
+    if res["steps"] is not None and res["passes"] <= budget:
+        return f"<= {target:g} (reached at {res['passes']})"
+    within = [r for r, n in zip(res["curve"], res["passes_curve"], strict=True) if n <= budget]
+    return f"{within[-1]:.1e}"
+
+
 def fmt_learned(res: dict[str, Any], method: str) -> str:
     end, early = res.get("learned_end") or {}, res.get("learned_100") or {}
     if method == "hiso":
@@ -200,38 +221,50 @@ def fmt_learned(res: dict[str, Any], method: str) -> str:
     return ""
 
 
-def plot(results: dict[str, dict[str, Any]], problems, methods, path: Path, target: float) -> None:
+def plot(results, problems, methods, path: Path, target: float, est: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(problems) + 1, figsize=(5 * (len(problems) + 1), 4))
-    for ax, name in zip(axes, problems, strict=False):
+    cols = len(problems) + 1
+    fig, axes = plt.subplots(2, cols, figsize=(5 * cols, 8), squeeze=False)
+    for j, name in enumerate(problems):
         for method in methods:
             res = results[name][method]
-            curve = res["curve"]
+            if res["diverged"]:
+                continue
             label = f"{method} (lr {res['lr']:.2g})"
-            ax.semilogy([10 * i for i in range(len(curve))], curve, label=label)
-        ax.axhline(target, color="grey", lw=0.8, ls=":")
-        ax.set_title(f"{name}: f / f(x0), best lr each")
-        ax.set_xlabel("step")
-        ax.legend(fontsize=7)
-    ax = axes[-1]
-    if "block" in problems and "block" in methods:
-        res = results["block"]["block"]
-        theta = res["learned_end"].get("theta")
-        true = torch.logspace(-2, 2, len(theta)).tolist() if theta else []
+            axes[0, j].semilogy([10 * i for i in range(len(res["curve"]))], res["curve"], label=label)
+            axes[1, j].semilogy(res["passes_curve"], res["curve"], label=label)
+        for i, xlabel in enumerate(("step", "forward passes")):
+            axes[i, j].axhline(target, color="grey", lw=0.8, ls=":")
+            axes[i, j].set_xlabel(xlabel)
+            axes[i, j].set_title(f"{name}: f / f(x0), best lr each")
+        axes[0, j].legend(fontsize=6)
+    ax = axes[0, -1]
+    if "block" in results and "block" in results["block"]:
+        theta = results["block"]["block"]["learned_end"].get("theta")
         if theta:
-            ax.loglog(true, [max(t, 1e-12) for t in theta], "o", label="learned theta_b (block problem, end)")
+            true = torch.logspace(-2, 2, len(theta)).tolist()
+            ax.loglog(true, [max(t, 1e-12) for t in theta], "o", label="learned theta_b (end of run)")
             ax.loglog(true, true, "k--", lw=0.8, label="truth")
             ax.set_xlabel("true block curvature")
             ax.set_ylabel("learned block curvature")
             ax.legend(fontsize=7)
-            ax.set_title("block curvature from scalars")
+            ax.set_title("`block` problem: curvature from scalars")
+    ax = axes[1, -1]
+    if est:
+        for spread, rows in est.items():
+            steps = sorted(rows)
+            ax.semilogy(steps, [rows[s]["err_decades"] for s in steps], "o-", label=f"w = {spread:g}")
+        ax.set_xlabel("step (lr = 0)")
+        ax.set_ylabel("mean |log10 theta - log10 truth|")
+        ax.set_title("estimate alone, 10 blocks of 10,000")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -301,19 +334,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 problem, method, lrs, max_steps, args.target, args.seed, lambda s: print(s, flush=True)
             )
     print(f"\n# {time.time() - start:.0f} s\n")
-    header = "| problem | method | best lr | steps to target (forward passes) | learned curvature vs truth |"
+    budget = 6 * max_steps
+    header = (
+        "| problem | method | best lr | steps to target (forward passes) | "
+        f"f / f(x0) after {budget} passes | learned curvature vs truth |"
+    )
     print(header)
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for name in problems:
         for method in methods:
             res = results[name][method]
             print(
-                f"| {name} | {method} | {res['lr']:.3g} | {fmt_result(res, max_steps)} | {fmt_learned(res, method)} |"
+                f"| {name} | {method} | {res['lr']:.3g} | {fmt_result(res, max_steps)} | "
+                f"{at_passes(res, budget, args.target)} | {fmt_learned(res, method)} |"
             )
-    plot(results, problems, methods, args.plot, args.target)
-    print(f"\nplot: {args.plot}")
+    est = None
     if not args.quick:
-        checkpoints = [20, 50, 200]
+        checkpoints = [10, 20, 50, 100, 200]
         est = estimation(args.seed, [0.0, 0.25, 0.75, 1.0], checkpoints)
         print("\n## estimation only: 10 blocks of 10,000, in-block curvature spread 0.1x..1.9x, lr = 0\n")
         print("| block factor half-width w | " + " | ".join(f"after {c} steps" for c in checkpoints) + " |")
@@ -322,6 +359,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cells = [f"corr {rows[c]['corr']:.3f}, err {rows[c]['err_decades']:.3f} dec" for c in checkpoints]
             print(f"| {spread:g} | " + " | ".join(cells) + " |")
         results["estimation"] = {str(k): v for k, v in est.items()}
+    plot(results, problems, methods, args.plot, args.target, est)
+    print(f"\nplot: {args.plot}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1))

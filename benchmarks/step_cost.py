@@ -15,8 +15,10 @@ What it measures (packaged all-MiniLM-L6-v2 as `AutoModelForSequenceClassificati
    `transformers.Trainer` with AdamW, same model and batch, each configuration in its own subprocess (Linux peak-RSS
    reset through `/proc/self/clear_refs` right before `train()`, then `VmHWM`). Also the analytical extra memory.
 
-Run `python benchmarks/step_cost.py` (a few minutes on 2 CPU cores); `--quick` uses a tiny BERT built from a config
-and random token ids (the smoke test); `--output-json PATH` writes every figure.
+Run `python benchmarks/step_cost.py` (a few minutes on 2 idle CPU cores); `--quick` uses a tiny BERT built from a
+config and random token ids (the smoke test); `--output-json PATH` writes every figure; `--threads N` sets
+`torch.set_num_threads` (default: torch's own); `--baseline-estimators OLD.py` also times (and, for memory, runs) every
+HiSo configuration with another version of `hf_hiso/zo_estimators.py`, for before/after figures from one process.
 """
 
 from __future__ import annotations

@@ -121,7 +121,7 @@ class BlockCurvature:
         *,
         every: int = 1,
         forget: float = 0.99,
-        floor: float = 1e-2,
+        floor: float = 1e-3,
         spread: float = 0.75,
         prior: float = 1.0,
     ):

@@ -93,7 +93,7 @@ class ZOArguments:
         metadata={"help": "Forgetting factor of the curvature regression per curvature step, in (0, 1]."},
     )
     zo_curvature_floor: float = field(
-        default=1e-2,
+        default=1e-3,
         metadata={"help": "Smallest block curvature used, relative to the mean curvature over entries, in (0, 1]."},
     )
     zo_curvature_spread: float = field(

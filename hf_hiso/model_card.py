@@ -382,10 +382,14 @@ def _usage(inputs: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+PEFT_NAMES = {"LORA": "LoRA", "IA3": "IA3", "VERA": "VeRA", "LOHA": "LoHa", "LOKR": "LoKr", "ADALORA": "AdaLoRA"}
+
+
 def _summary(inputs: dict[str, Any]) -> str:
     what = "A PEFT adapter" if inputs["peft"] is not None else "A model"
     if inputs["peft"] is not None and inputs["peft"].get("peft_type"):
-        what = f"A {inputs['peft']['peft_type']} adapter (PEFT)"
+        kind = inputs["peft"]["peft_type"]
+        what = f"A {PEFT_NAMES.get(kind, kind)} adapter (PEFT)"
     base = f"`{inputs['base_model']}`" if inputs["base_model"] else "a local model"
     task = f" for {inputs['tasks'][0]}" if inputs["tasks"] else ""
     data = f" on {', '.join(inputs['dataset_names'] or inputs['datasets'])}" if inputs["datasets"] else ""
@@ -409,6 +413,8 @@ def _card_context(inputs: dict[str, Any]) -> dict[str, Any]:
     zo = inputs["zo"]
     training = inputs["training"]
     algorithm_rows = [(ZO_LABELS[k], _fmt(zo[k])) for k in ZO_LABELS if k in zo]
+    # Settings without a label here (e.g. added by an extension) are still listed, under their field name.
+    algorithm_rows += [(f"`{k}`", _fmt(v)) for k, v in sorted(zo.items()) if k not in ZO_LABELS]
     algorithm_rows += [
         ("learning rate (schedule)", f"{_fmt(training['learning_rate'])} ({training['lr_scheduler_type']})"),
         (

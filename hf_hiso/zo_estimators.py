@@ -83,8 +83,7 @@ class DirectionSource:
 
     [`perturb_`] and [`aggregated_directions`] read directions through [`DirectionSource.transient`], which draws
     large tensors into scratch buffers kept by the source (one per device and dtype, as large as the largest tensor):
-    on CPU a fresh tensor of that size costs page faults on every allocation, about half as much again as drawing its
-    numbers.
+    on CPU a fresh tensor of that size pays its page faults again on every allocation (`benchmarks/step_cost.py`).
     """
 
     def __init__(self, generator: str = "cpu", cache: bool = False):

@@ -110,7 +110,7 @@ class HiSoOptimizer(torch.optim.Optimizer):
         curvature_blocks: str | Sequence[int] = "tensor",
         curvature_every: int = 1,
         curvature_forget: float = 0.99,
-        curvature_floor: float = 1e-2,
+        curvature_floor: float = 1e-3,
         curvature_spread: float = 0.75,
         curvature_prior: float = 1.0,
     ):
