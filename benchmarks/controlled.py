@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         dim, kappas, lrs, seeds, max_steps = 8, (1.0, 100.0), (0.03, 0.1, 0.3), (0,), 600
     else:
         dim, kappas, seeds, max_steps = 32, (1.0, 10.0, 100.0, 1000.0), (0, 1, 2), 10_000
-        lrs = tuple(10.0 ** (k / 2) for k in range(-4, 2))  # 0.01 .. 3.16, half-decade steps
+        lrs = tuple(10.0 ** (k / 4) for k in range(-8, 3))  # 0.01 .. 3.16, quarter-decade (1.78x) steps
     target, batch, n = 0.05, 64, 4096
     results_dir = args.results_dir or RESULTS_DIR / "controlled" / ("quick" if args.quick else "full")
     print(f"machine: {machine()}; dim {dim}, batch {batch}, n {n}, target gap {target} of the initial gap")

@@ -58,7 +58,7 @@ DEFAULT_ARGS = [
     "--dataloader_num_workers", "0",
     "--seed", "0",
 ]  # fmt: skip
-# Added when no --model_name_or_path is given: the embedded SmolLM2 run, a few minutes on 2 CPU cores.
+# Added when no --model_name_or_path is given: the embedded SmolLM2 run (its time: see the module docstring).
 EMBEDDED_ARGS = [
     "--ln_target_modules", "norm",
     "--learning_rate", "0.05",

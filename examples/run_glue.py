@@ -574,7 +574,7 @@ def run(argv: list[str] | None = None) -> tuple[HiSoTrainer, dict[str, Any]]:
         trainer.save_metrics("train", train_metrics)
         trainer.log_metrics("eval", after)
         trainer.save_metrics("eval", after)
-        trainer.save_metrics("eval_before", before)
+        trainer.save_metrics("eval_before", before, combined=False)  # all_results.json keeps the final figures
         if summary["federation"] is not None:
             trainer.save_metrics("federation", summary["federation"])
         trainer.save_state()

@@ -20,7 +20,14 @@ from transformers.utils import logging
 
 from .federated.ledger import CommunicationLedger, WireFormat
 from .federated.partition import partition_dataset
-from .federated.protocol import AGGREGATIONS, FederatedServer, RoundPlan, aggregate, check_federation
+from .federated.protocol import (
+    AGGREGATIONS,
+    FederatedServer,
+    RoundPlan,
+    aggregate,
+    check_federation,
+    split_report,
+)
 from .zo_optimizer import PendingUpdate
 
 if TYPE_CHECKING:
@@ -315,11 +322,8 @@ class FederatedZOCallback(TrainerCallback):
             logger.warning(f"Round {plan.round_idx}: no client reported usable scalars; the model does not move.")
         slopes, curvatures = result.scalars, None
         if result.scalars is not None and opt.curvature is not None:
-            slopes, curvatures = result.scalars.split(opt.num_directions, dim=1)
-            slopes, curvatures = slopes.contiguous(), curvatures.clone()
-            for k, seed in enumerate(plan.seeds):
-                if not opt.curvature.is_curvature_step(seed):
-                    curvatures[k] = float("nan")
+            measured = [opt.curvature.is_curvature_step(seed) for seed in plan.seeds]
+            slopes, curvatures = split_report(result.scalars, opt.num_directions, measured)
         if slopes is not None:
             for k, seed in enumerate(plan.seeds):
                 opt.accumulate(seed, slopes[k], None if curvatures is None else curvatures[k])

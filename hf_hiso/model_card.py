@@ -414,7 +414,9 @@ def _card_context(inputs: dict[str, Any]) -> dict[str, Any]:
     training = inputs["training"]
     algorithm_rows = [(ZO_LABELS[k], _fmt(zo[k])) for k in ZO_LABELS if k in zo]
     # Settings without a label here (e.g. added by an extension) are still listed, under their field name.
-    algorithm_rows += [(f"`{k}`", _fmt(v)) for k, v in sorted(zo.items()) if k not in ZO_LABELS]
+    # The curvature extension's own settings only matter when it is on.
+    hidden = {k for k in zo if k.startswith("zo_curvature_")} if not zo.get("zo_curvature") else set()
+    algorithm_rows += [(f"`{k}`", _fmt(v)) for k, v in sorted(zo.items()) if k not in ZO_LABELS and k not in hidden]
     algorithm_rows += [
         ("learning rate (schedule)", f"{_fmt(training['learning_rate'])} ({training['lr_scheduler_type']})"),
         (

@@ -14,7 +14,8 @@ from reference import dense_direction
 
 from hf_hiso import FederatedZOCallback, HiSoConfig, HiSoOptimizer, HiSoTrainer
 from hf_hiso.curvature import BlockCurvature
-from hf_hiso.federated.protocol import replay
+from hf_hiso.federated.protocol import FederatedServer, aggregate, replay, split_report
+from hf_hiso.zo_optimizer import PendingUpdate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -309,6 +310,63 @@ def test_federated_lora_replica_rebuilt_from_history_with_curvature(tmp_path):
         torch.testing.assert_close(replica.state["curvature"][key], trained_state[key], rtol=1e-9, atol=0)
     assert callback.ledger.scalars_per_direction == 2
     assert callback.ledger.bytes_uplink_total == rounds * sampled * tau * P * 2 * 4
+
+
+def test_protocol_with_every_k_replays_exactly():
+    """The protocol by hand (no Trainer): forward differences with `curvature_every=2`, two local steps, clients
+    with different losses; steps that measure no curvature send placeholders that never reach the state. A replica
+    replaying the history holds the same parameters and curvature state."""
+    sizes, P, tau = [10, 20, 30], 3, 2
+    hs = [torch.full((n,), c, dtype=torch.float64) for n, c in zip(sizes, (0.1, 1.0, 10.0), strict=True)]
+    shifts = [torch.linspace(-1, 1, sum(sizes), dtype=torch.float64) * (c + 1) for c in range(3)]
+
+    def client_loss(params, c):
+        x = torch.cat([p.flatten() for p in params]) - shifts[c]
+        return lambda: 0.5 * (torch.cat(hs) * x * x).sum()
+
+    def make():
+        params = make_params(sizes)
+        return params, HiSoOptimizer(params, lr=1e-3, num_directions=P, curvature=True, curvature_every=2, seed=0)
+
+    params, opt = make()
+    server = FederatedServer(3, 2, local_steps=tau, seed=0, history_retention="all")
+    measured_any = set()
+    for _ in range(12):
+        plan = server.plan_round()
+        start = [p.detach().clone() for p in params]
+        reports = {}
+        for c in plan.clients:
+            report = torch.zeros(tau, 2 * P)
+            for k, seed in enumerate(plan.seeds):
+                _, slopes, curvatures = opt.measure(client_loss(params, c), seed)
+                measured = opt.curvature.is_curvature_step(seed)
+                measured_any.add(measured)
+                assert torch.isfinite(curvatures).all() == measured
+                report[k, :P] = slopes
+                report[k, P:] = curvatures if measured else 0.0
+                if k < tau - 1:
+                    opt.apply_updates([PendingUpdate(seed, slopes)], update_hessian=False)
+            reports[c] = report
+            with torch.no_grad():
+                for p, s0 in zip(params, start, strict=True):
+                    p.copy_(s0)
+        measured = [opt.curvature.is_curvature_step(seed) for seed in plan.seeds]
+        slopes, curvatures = split_report(aggregate(reports).scalars, P, measured)
+        assert torch.isnan(curvatures[[not m for m in measured]]).all()
+        for k, seed in enumerate(plan.seeds):
+            opt.accumulate(seed, slopes[k], curvatures[k])
+        opt.step()
+        server.commit_round(plan, slopes, [1e-3], curvatures)
+    assert measured_any == {True, False}
+    state = opt.state["curvature"]
+    assert 0 < state["updates"] < 12 * tau and state["skipped_rows"] == 0
+
+    replica_params, replica = make()
+    replay(replica, [server.history[r] for r in sorted(server.history)])
+    for a, b in zip(replica_params, params, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    for key in ("gram", "moment", "theta", "hessian"):
+        torch.testing.assert_close(replica.state["curvature"][key], state[key], rtol=0, atol=0)
 
 
 @pytest.mark.slow

@@ -161,7 +161,10 @@ def test_end_to_end_federated_peft_and_adapter_reload(tiny_setup, tmp_path, caps
         assert (out / name).is_file(), name
     assert not (out / "model.safetensors").exists()
     results = json.loads((out / "all_results.json").read_text())
-    assert results["eval_accuracy"] == pytest.approx(summary["after"]["eval_accuracy"])
+    assert results["eval_loss"] == pytest.approx(summary["after"]["eval_loss"])
+    assert summary["after"]["eval_loss"] != summary["before"]["eval_loss"]
+    before = json.loads((out / "eval_before_results.json").read_text())
+    assert before["eval_loss"] == pytest.approx(summary["before"]["eval_loss"])
     assert results["bytes_total"] == fed["bytes_total"]
     card = (out / "README.md").read_text()
     assert f"{fed['bytes_total']:,} B" in card and "federated-learning" in card

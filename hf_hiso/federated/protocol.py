@@ -188,6 +188,22 @@ def check_federation(num_clients: int, clients_per_round: int, local_steps: int)
         raise ValueError(f"`local_steps` must be an integer >= 1, got {local_steps!r}")
 
 
+def split_report(
+    scalars: torch.Tensor, num_directions: int, curvature_steps: Sequence[bool]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Splits an aggregated report of the curvature extension, `(tau, 2P)` (slopes, then curvature scalars), into
+    `(slopes, curvatures)`; rows of steps that measure no curvature (placeholders, not sent) become NaN. A `(tau, P)`
+    report (no extension) is returned as `(scalars, None)`."""
+    if scalars.shape[1] == num_directions:
+        return scalars, None
+    slopes, curvatures = scalars.split(num_directions, dim=1)
+    curvatures = curvatures.clone()
+    for k, measured in enumerate(curvature_steps):
+        if not measured:
+            curvatures[k] = float("nan")
+    return slopes.contiguous(), curvatures
+
+
 def round_updates(record: RoundRecord) -> list[PendingUpdate]:
     assert record.scalars is not None
     curv = record.curvatures
