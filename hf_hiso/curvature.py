@@ -28,12 +28,15 @@ the solution of a recursive least-squares problem with forgetting `lambda`, shru
     theta = (R + k diag(R))^{-1} (r + k diag(R) theta_bar 1),   k = rho lambda^t / N,   theta_bar = 1^T r / 1^T R 1
 
 (`t` curvature steps so far: the prior counts as `rho` pseudo-rows per block that are forgotten like data, so it
-steadies the first, under-determined steps and then fades). `H` stays `I` until the regression holds `2B` rows:
+steadies the first, under-determined steps and then fades). `H` stays `I` until the regression holds `2B` rows; then
+its target is the positive part of `theta`, floored and normalised so that its mean over entries is 1 (as at the
+start), which keeps `sum_b n_b theta_b / H_b`, the trace that limits ZO-SGD's stable learning rate, at its value for
+plain directions:
 
-its positive part, floored and normalised so that its mean over entries is 1 (as at the start), which keeps the
-scale of the learning rate of plain ZO-SGD:
+    m = sum_b n_b theta_b^+ / d,     T_b = max(theta_b^+, floor * m) / (sum_b n_b max(theta_b^+, floor * m) / d),
 
-    m = sum_b n_b theta_b^+ / d,     H_b = max(theta_b^+, floor * m) / (sum_b n_b max(theta_b^+, floor * m) / d).
+and `H` moves toward `T` by at most a factor `MAX_STEP = 2` per block and curvature step (a trust region; the mean is
+then restored), so that one poor early estimate cannot stretch a block's directions by `1 / sqrt(floor)` at once.
 
 `R`, `r`, `theta` and `H` (a `B x B` matrix and three `B`-vectors) are built from seeds and averaged scalars only,
 in float64 and in a fixed order, so every replica holds the same state without it being sent. They live in
@@ -55,6 +58,8 @@ _STEP_TAG = 0xC0B1C0B1
 _FACTOR_TAG = 0xB10CFAC7
 
 BLOCKINGS = ("tensor", "group")
+# Largest factor by which a block's H may change in one curvature step.
+MAX_STEP = 2.0
 
 
 def check_curvature_settings(
@@ -123,7 +128,7 @@ class BlockCurvature:
         forget: float = 0.99,
         floor: float = 1e-3,
         spread: float = 0.75,
-        prior: float = 1.0,
+        prior: float = 0.1,
     ):
         check_curvature_settings(every=every, forget=forget, floor=floor, spread=spread, prior=prior)
         self.block_of = list(block_of)
@@ -235,10 +240,16 @@ class BlockCurvature:
             state["gram"], state["moment"], self.prior * self.forget ** state["updates"] / state["weight"]
         )
         state["theta"] = theta
-        hessian = self.preconditioner(theta)
+        target = self.preconditioner(theta)
         # Before 2B rows the estimate is mostly prior and noise: keep plain directions.
-        if hessian is not None and state["rows"] >= 2 * self.num_blocks:
-            state["hessian"] = hessian
+        if target is None or state["rows"] < 2 * self.num_blocks:
+            return
+        # A trust region: each block's H moves by at most a factor MAX_STEP per curvature step (then the mean is
+        # restored), so one poor early estimate cannot stretch a block's directions 30x before more rows arrive.
+        old = state["hessian"]
+        moved = torch.minimum(torch.maximum(target, old / MAX_STEP), old * MAX_STEP)
+        n = self.block_sizes
+        state["hessian"] = moved / float((n * moved).sum() / n.sum())
 
     def solve(self, gram: torch.Tensor, moment: torch.Tensor, ridge: float) -> torch.Tensor:
         """`theta = (R + k diag(R))^{-1} (r + k diag(R) theta_bar 1)` with `k = ridge`, solved after a Jacobi scaling

@@ -104,7 +104,7 @@ class ZOArguments:
         },
     )
     zo_curvature_prior: float = field(
-        default=1.0,
+        default=0.1,
         metadata={
             "help": "Weight (> 0, in pseudo-rows per block) of the shrinkage of block curvatures toward their pooled "
             "value; it fades as regression rows come in."

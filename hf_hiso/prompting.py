@@ -100,6 +100,11 @@ class PromptTemplate:
             raise ValueError(f"The label words must be distinct, got {list(words)!r}.")
         object.__setattr__(self, "template", template)
         object.__setattr__(self, "label_words", words)
+        if self.suffix[-1:].isspace() and any(w[:1].isspace() for w in words):
+            logger.warning(
+                f"The template ends with whitespace ({self.suffix[-3:]!r}) and a label word starts with whitespace: "
+                "the model would see two spaces before the label word. Drop one of them."
+            )
 
     @property
     def prefix(self) -> str:
@@ -145,14 +150,6 @@ def encode_label_words(tokenizer: Any, label_words: Sequence[str], allow_multi_t
     if len({tuple(i) for i in ids}) != len(ids):
         raise ValueError(f"Two label words tokenise to the same ids: {dict(zip(label_words, ids, strict=True))}.")
     return ids
-
-
-def _check_prompt_boundary(template: PromptTemplate) -> None:
-    if template.suffix[-1:].isspace() and any(w[:1].isspace() for w in template.label_words):
-        logger.warning(
-            f"The template ends with whitespace ({template.suffix[-3:]!r}) and a label word starts with whitespace: "
-            "the model sees the space twice. Drop one of them."
-        )
 
 
 # ---- tokenization ------------------------------------------------------------------------------------------------

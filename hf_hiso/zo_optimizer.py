@@ -112,7 +112,7 @@ class HiSoOptimizer(torch.optim.Optimizer):
         curvature_forget: float = 0.99,
         curvature_floor: float = 1e-3,
         curvature_spread: float = 0.75,
-        curvature_prior: float = 1.0,
+        curvature_prior: float = 0.1,
     ):
         check_zo_settings(
             zo_eps=zo_eps,
