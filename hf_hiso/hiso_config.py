@@ -8,7 +8,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from .curvature import BLOCKINGS, check_curvature_settings
-from .zo_optimizer import check_zo_settings
+from .zo_optimizer import check_zo_settings, parse_cache_setting
 
 
 @dataclass
@@ -54,11 +54,14 @@ class ZOArguments:
             "choices": ["cpu", "device"],
         },
     )
-    zo_cache_directions: bool = field(
-        default=False,
+    zo_cache_directions: str = field(
+        default="auto",
         metadata={
             "help": "Keep a step's P directions in memory (P x trainable parameters) instead of regenerating each "
-            "one for perturbation, restoration and update. Faster, costs memory."
+            "one for perturbation, restoration and update: 'true' (faster, costs memory), 'false' (MeZO-style "
+            "memory) or 'auto' (cache when the P directions take at most 1 GiB: adapters and models up to ~50 M "
+            "trainable parameters at P = 5).",
+            "choices": ["auto", "true", "false"],
         },
     )
     zo_skip_nonfinite: bool = field(
@@ -112,6 +115,7 @@ class ZOArguments:
     )
 
     def check_zo(self) -> None:
+        self.zo_cache_directions = parse_cache_setting(self.zo_cache_directions, name="zo_cache_directions")
         check_zo_settings(
             zo_eps=self.zo_eps,
             num_directions=self.zo_num_directions,

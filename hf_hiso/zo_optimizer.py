@@ -36,6 +36,23 @@ from .zo_estimators import (
 )
 
 HESSIAN_UPDATES = ("last_local_step", "all_local_steps")
+# `cache_directions="auto"` caches when a step's P directions fit in this many bytes: every adapter and full models up
+# to ~50 M trainable parameters at P = 5 (BENCHMARKS.md, "Step cost and memory"), never a full LLM.
+CACHE_AUTO_BYTES = 1 << 30
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def parse_cache_setting(value: bool | str, name: str = "cache_directions") -> bool | str:
+    """`True`, `False` or `"auto"` from a bool or its command-line spelling; a `ValueError` naming `name` otherwise."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if low == "auto":
+            return "auto"
+        if low in _TRUE or low in _FALSE:
+            return low in _TRUE
+    raise ValueError(f"`{name}` must be 'auto', True or False, got {value!r}")
 
 
 @dataclass
@@ -76,8 +93,9 @@ class HiSoOptimizer(torch.optim.Optimizer):
         hessian_damping: `eps` added to `v ** 2`.
         hessian_update: `"last_local_step"` (the paper) or `"all_local_steps"` when a step queues several local steps.
         generator: `"cpu"` (identical directions on any device) or `"device"` (faster, device-specific numbers).
-        cache_directions: keep the step's directions in memory (`P * d` floats) instead of regenerating them for the
-            perturbation, the restoration and the update.
+        cache_directions: keep the step's directions in memory (`P * d` values) instead of regenerating them for the
+            perturbation, the restoration and the update; `"auto"` caches when they take at most `CACHE_AUTO_BYTES`
+            (1 GiB). The directions, and so the results, are the same either way.
         seed: base seed of the centralized step seeds `s_t = step_seed(seed, t)`.
         skip_nonfinite: skip (and count) a step whose scalars are not finite instead of raising.
         curvature: replace HiSo's diagonal `H` by the block curvature preconditioner learned from second-difference
@@ -103,7 +121,7 @@ class HiSoOptimizer(torch.optim.Optimizer):
         hessian_damping: float = 1e-8,
         hessian_update: str = "last_local_step",
         generator: str = "cpu",
-        cache_directions: bool = False,
+        cache_directions: bool | str = "auto",
         seed: int = 42,
         skip_nonfinite: bool = False,
         curvature: bool = False,
@@ -143,6 +161,9 @@ class HiSoOptimizer(torch.optim.Optimizer):
         self.hessian_damping = hessian_damping
         self.hessian_update = hessian_update
         self.skip_nonfinite = skip_nonfinite
+        cache_directions = parse_cache_setting(cache_directions)
+        if cache_directions == "auto":
+            cache_directions = self.direction_cache_bytes(num_directions) <= CACHE_AUTO_BYTES
         self.source = DirectionSource(generator=generator, cache=cache_directions)
         self.pending: list[PendingUpdate] = []
         # Hook for data parallelism: maps the stacked pending scalars to their mean over processes.
@@ -166,6 +187,16 @@ class HiSoOptimizer(torch.optim.Optimizer):
     def params(self) -> list[torch.Tensor]:
         """The trainable tensors in direction order: param groups in order, then each group's tensors in order."""
         return [p for group in self.param_groups for p in group["params"]]
+
+    def direction_cache_bytes(self, num_directions: int | None = None) -> int:
+        """Memory the direction cache takes: `P` directions of every trainable tensor, in the tensors' dtype."""
+        p = self.num_directions if num_directions is None else num_directions
+        return p * sum(t.numel() * t.element_size() for t in self.params)
+
+    @property
+    def cache_directions(self) -> bool:
+        """Whether this optimizer caches its directions (`"auto"` resolved at construction)."""
+        return self.source.cache
 
     @property
     def global_step(self) -> int:

@@ -156,11 +156,14 @@ def test_hf_argument_parser_reads_zo_fields(tmp_path):
             "central",
             "--zo_preconditioner",
             "false",
+            "--zo_cache_directions",
+            "false",
             "--report_to",
             "none",
         ]
     )
     assert cfg.zo_num_directions == 3 and cfg.zo_difference == "central" and cfg.zo_preconditioner is False
+    assert cfg.zo_cache_directions is False
     json.dumps(cfg.to_dict())  # serialisable, as TrainingArguments must be
 
 
@@ -173,6 +176,7 @@ def test_hf_argument_parser_reads_zo_fields(tmp_path):
         ({"zo_hessian_smooth": 1.5}, "zo_hessian_smooth"),
         ({"zo_hessian_update": "sometimes"}, "zo_hessian_update"),
         ({"zo_generator": "tpu"}, "zo_generator"),
+        ({"zo_cache_directions": "maybe"}, "zo_cache_directions"),
         ({"fp16": True}, "fp16"),
         ({"deepspeed": "ds_config.json"}, "deepspeed"),
         ({"fsdp": "full_shard"}, "fsdp"),

@@ -152,8 +152,38 @@ def test_plain_pytorch_loop_decreases_loss():
         ({"hessian_damping": -1.0}, "hessian_damping"),
         ({"hessian_update": "first"}, "hessian_update"),
         ({"generator": "tpu"}, "generator"),
+        ({"cache_directions": "sometimes"}, "cache_directions"),
     ],
 )
 def test_invalid_settings(kwargs, field):
     with pytest.raises(ValueError, match=field):
         HiSoOptimizer([torch.nn.Parameter(torch.zeros(1))], **kwargs)
+
+
+def test_cached_and_regenerated_directions_give_the_same_steps():
+    """The direction cache only saves generator work: three HiSo steps (H learned) land on the same parameters."""
+    target = torch.linspace(-1, 1, 50)
+    runs = {}
+    for cache in (True, False):
+        x = torch.nn.Parameter(torch.zeros(50))
+        opt = HiSoOptimizer([x], lr=0.05, num_directions=3, seed=3, cache_directions=cache)
+        assert opt.cache_directions is cache
+        for _ in range(3):
+            opt.step(lambda x=x: (x - target).pow(2).sum())
+        runs[cache] = (x.detach().clone(), opt.state[x]["hessian"].clone())
+    assert not torch.equal(runs[True][0], torch.zeros(50))
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=0, atol=0)
+    torch.testing.assert_close(runs[True][1], runs[False][1], rtol=0, atol=0)
+
+
+def test_auto_cache_follows_the_memory_budget(monkeypatch):
+    """`"auto"` (the default) caches while P directions fit in CACHE_AUTO_BYTES, and regenerates beyond it."""
+    import hf_hiso.zo_optimizer as zo
+
+    params = [torch.nn.Parameter(torch.zeros(100)), torch.nn.Parameter(torch.zeros(20, dtype=torch.float64))]
+    opt = HiSoOptimizer(params, num_directions=5)
+    assert opt.direction_cache_bytes() == 5 * (100 * 4 + 20 * 8)
+    assert opt.cache_directions is True
+    monkeypatch.setattr(zo, "CACHE_AUTO_BYTES", opt.direction_cache_bytes() - 1)
+    assert HiSoOptimizer(params, num_directions=5).cache_directions is False
+    assert HiSoOptimizer(params, num_directions=5, cache_directions="true").cache_directions is True
