@@ -1,4 +1,5 @@
-"""Shared helpers of the convergence, ablation, catch-up and controlled-problem benchmarks.
+"""Shared helpers of the convergence, ablation, catch-up and controlled-problem benchmarks, and the peak-memory
+measurement of the memory benchmarks (`step_cost.py`, `llm_memory.py`).
 
 The language-model benchmarks train the classification head (pooler + classifier) of the packaged all-MiniLM-L6-v2
 `BertForSequenceClassification` with the encoder frozen. A frozen encoder run in eval mode is a fixed function of the
@@ -13,6 +14,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -286,3 +290,78 @@ class EvalCallback(TrainerCallback):
             self.record(state.global_step, model)
             if self.diverged:
                 control.should_training_stop = True  # NaN loss: the rest of the run would be NaN too
+
+
+# ---- peak memory of a short training run, each in a fresh process -----------------------------------------------
+
+
+def short_run_kwargs(batch_size: int, max_steps: int) -> dict[str, Any]:
+    """`TrainingArguments` of a short measurement run on CPU: `max_steps` steps of `batch_size` examples, one log at
+    the end, no checkpoint, report, progress bar or data-loading worker, seed 0."""
+    return {
+        "per_device_train_batch_size": batch_size,
+        "max_steps": max_steps,
+        "logging_steps": max(1, max_steps),
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        "seed": 0,
+    }
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", fh.read(), re.MULTILINE).group(1))
+
+
+def _reset_peak_rss() -> bool:
+    # Linux >= 4.0: writing 5 resets the peak RSS (VmHWM) to the current RSS, so model loading does not hide the peak.
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_during(fn: Callable[[], Any]) -> dict[str, Any]:
+    """Runs `fn()` and returns this process's resident memory right before it (`rss_before_bytes`), its peak during
+    `fn` (`peak_bytes`), the difference (`increase_bytes`) and whether the peak could be reset first (`peak_reset`;
+    Linux `/proc/self/clear_refs`, then `VmHWM`). Without the reset the peak is the process's lifetime peak, so the
+    increase is only a lower bound."""
+    import resource  # Unix only: imported here so that the other benchmarks import this module anywhere
+
+    rss_before = _status_kib("VmRSS")
+    exact = _reset_peak_rss()
+    maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()
+    peak = _status_kib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if not exact:
+        # A peak reached before `fn` (model loading) can only bound the increase from below.
+        rss_before = max(rss_before, maxrss_before)
+    return {
+        "rss_before_bytes": rss_before * 1024,
+        "peak_bytes": peak * 1024,
+        "increase_bytes": (peak - rss_before) * 1024,
+        "peak_reset": exact,
+    }
+
+
+def run_child(script: str | Path, flag: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """`python <script> <flag> <spec as JSON>` in a fresh process (a peak-memory run must not share its process
+    with other runs); returns the JSON object the child prints on its last line."""
+    proc = subprocess.run(
+        [sys.executable, str(Path(script).resolve()), flag, json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory run {spec} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:8.1f} MiB"

@@ -24,21 +24,18 @@ import argparse
 import json
 import os
 import platform
-import re
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("WANDB_DISABLED", "true")
+# `common` sets the offline environment (HF_HUB_OFFLINE, ...) before it imports any Hugging Face library, so it is
+# imported before transformers.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from common import mib, peak_rss_during, run_child, short_run_kwargs, write_json  # noqa: E402
 
 BATCH = 16
 MAX_LENGTH = 48
@@ -46,21 +43,6 @@ NUM_DIRECTIONS = 2
 CONFIGS = ("adamw", "hiso", "zo_no_preconditioner", "adamw_lora", "hiso_lora")
 TEMPLATE = "Tweet: {text}\nSentiment:"
 LABEL_WORDS = (" negative", " positive")
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", fh.read(), re.MULTILINE).group(1))
-
-
-def _reset_peak_rss() -> bool:
-    # Linux >= 4.0: writing 5 resets the peak RSS (VmHWM) to the current RSS.
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _model_and_data(quick: bool, n: int):
@@ -105,17 +87,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.0))
-    common = {
-        "per_device_train_batch_size": BATCH,
-        "max_steps": steps,
-        "logging_steps": steps,
-        "save_strategy": "no",
-        "report_to": "none",
-        "use_cpu": True,
-        "disable_tqdm": True,
-        "dataloader_num_workers": 0,
-        "seed": 0,
-    }
+    common = short_run_kwargs(BATCH, steps)
     collator = LabelWordCollator(tokenizer)
     with tempfile.TemporaryDirectory() as tmp:
         if config.startswith("adamw"):
@@ -130,42 +102,21 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
                 **common,
             )
             trainer = HiSoTrainer(model=model, args=args, train_dataset=data, data_collator=collator)
-        rss_before = _status_kib("VmRSS")
-        exact = _reset_peak_rss()
-        maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         t0 = time.perf_counter()
-        trainer.train()
+        memory = peak_rss_during(trainer.train)
         seconds = time.perf_counter() - t0
-        peak = _status_kib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        if not exact:  # without the reset, a peak reached while loading can only bound the increase from below
-            rss_before = max(rss_before, maxrss_before)
     return {
         **spec,
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "rss_before_bytes": rss_before * 1024,
-        "peak_bytes": peak * 1024,
-        "increase_bytes": (peak - rss_before) * 1024,
-        "peak_reset": exact,
+        **memory,
         "train_seconds": seconds,
     }
 
 
 def run_config(config: str, quick: bool, steps: int, threads: int) -> dict[str, Any]:
     spec = {"config": config, "quick": quick, "steps": steps, "threads": threads}
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"memory run {spec} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def mib(n: float) -> str:
-    return f"{n / 2**20:8.1f} MiB"
+    return run_child(__file__, "--child", spec)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -224,8 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     print(f"machine: {result['machine']}")
     if args.output_json:
-        args.output_json.parent.mkdir(parents=True, exist_ok=True)
-        args.output_json.write_text(json.dumps(result, indent=1))
+        write_json(args.output_json, result)
     return result
 
 

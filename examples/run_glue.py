@@ -12,6 +12,12 @@ label skew (2 sampled per round), and prints accuracy and F1 before and after tr
     python examples/run_glue.py --train_file train.csv --validation_file dev.csv --label_column_name label
     python examples/run_glue.py --model_name_or_path <model> --task_name sst2  # GLUE, needs a reachable dataset hub
     python examples/run_glue.py args.json                                  # every option from one JSON file
+    accelerate launch --multi_gpu --num_processes 2 examples/run_glue.py --use_cpu true  # two CPU processes (gloo)
+
+Under several processes the federated default shares each round's sampled clients out among them; every process
+gets all reports with one all-reduce and applies the same update, so the run gives the model, metrics and bytes of
+one process (`--num_clients 0`: data parallelism, each process on its share of the batch). Without GPUs, pass
+`--use_cpu true`: otherwise transformers does not join the processes into one group (the run stops with an error).
 
 Every option not given keeps the default of the embedded run (see `EXAMPLE_DEFAULTS` and the dataclasses below), so
 `--max_steps 50` runs a shorter default. Bad input (unknown task, missing file, no label column, a PEFT target
@@ -44,6 +50,7 @@ from transformers import (
 
 from hf_hiso import FederatedZOCallback, HiSoConfig, HiSoTrainer
 from hf_hiso.embedded import EMBEDDED_TASKS, load_embedded_task, minilm_path
+from hf_hiso.federated import FederatedArguments  # the simulated federation; --num_clients 0 trains centrally
 from hf_hiso.metrics import build_compute_metrics
 from hf_hiso.model_card import format_bytes, public_model_name
 
@@ -206,25 +213,6 @@ class PeftArguments:
     modules_to_save: list[str] | None = field(
         default=None,
         metadata={"help": "Modules trained in full and saved with the adapter (the classifier head is always one)."},
-    )
-
-
-@dataclass
-class FederatedArguments:
-    """The simulated federation (FederatedZOCallback); --num_clients 0 trains centrally."""
-
-    num_clients: int = field(default=6, metadata={"help": "Clients M the training set is split into; 0: centralized."})
-    clients_per_round: int = field(default=2, metadata={"help": "Clients sampled per round."})
-    local_steps: int = field(default=1, metadata={"help": "Local ZO steps per client and round."})
-    partition: str = field(
-        default="dirichlet",
-        metadata={"help": "How the data is split: dirichlet (label skew), iid.", "choices": ["dirichlet", "iid"]},
-    )
-    dirichlet_alpha: float = field(default=1.0, metadata={"help": "Label-skew concentration (smaller: more skew)."})
-    drop_rate: float = field(default=0.0, metadata={"help": "Probability that a sampled client fails to report."})
-    aggregation: str = field(
-        default="mean",
-        metadata={"help": "Aggregation of the clients' scalars.", "choices": ["mean", "median", "trimmed_mean"]},
     )
 
 
@@ -478,23 +466,9 @@ def run(argv: list[str] | None = None) -> tuple[HiSoTrainer, dict[str, Any]]:
     transformers.utils.logging.set_verbosity(log_level)
     logger.info(f"Training/evaluation parameters {training_args}")  # repr redacts hub_token
 
-    # Cheap checks first: the federation settings, then data, model and adapter, all before training starts.
-    callbacks = []
-    if fed_args.num_clients < 0:
-        raise ValueError(f"--num_clients must be >= 0 (0: centralized), got {fed_args.num_clients}.")
-    if fed_args.num_clients > 0:
-        callbacks.append(
-            FederatedZOCallback(
-                num_clients=fed_args.num_clients,
-                clients_per_round=fed_args.clients_per_round,
-                local_steps=fed_args.local_steps,
-                partition=fed_args.partition,
-                dirichlet_alpha=fed_args.dirichlet_alpha,
-                label_column="label",
-                drop_rate=fed_args.drop_rate,
-                aggregation=fed_args.aggregation,
-            )
-        )
+    # The federation settings were checked while parsing; data, model and adapter are checked before training starts.
+    federated_callback = fed_args.build_callback(label_column="label")
+    callbacks = [federated_callback] if federated_callback is not None else []
 
     raw = load_raw_datasets(data_args, model_args.cache_dir)
     label_names, is_regression = label_info(raw, data_args)

