@@ -280,6 +280,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--full-model", action="store_true", help="also the full-MiniLM preconditioner look")
     parser.add_argument("--full-model-steps", type=int, default=60)
     parser.add_argument("--full-model-lr", type=float, default=1e-5)
+    parser.add_argument("--seeds", type=int, nargs="*", default=None, help="run only these of the mode's seeds")
+    parser.add_argument("--report", action="store_true", help="only print the report and draw the plot")
     args = parser.parse_args(argv)
     hf_logging.set_verbosity_error()
     torch.set_num_threads(1)  # small products: a second thread only adds overhead on a shared machine
@@ -293,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
         f"seeds {settings['seeds']}"
     )
     look = None
-    for seed in settings["seeds"]:
+    for seed in () if args.report else (settings["seeds"] if args.seeds is None else args.seeds):
         for name in settings["variants"]:
             method, tau, overrides = VARIANTS[name]
             path = results_dir / f"{slug(name)}_lr{lr:g}_s{seed}.json"
@@ -328,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     report = summarize(results_dir, settings, lr)
     if args.full_model:
         path = results_dir / "preconditioner_full_model.json"
-        if not path.exists():
+        if not path.exists() and not args.report:
             print(f"full-model look: {args.full_model_steps} HiSo steps at lr {args.full_model_lr:g} ...", flush=True)
             write_json(path, full_model_look(args.full_model_steps, args.full_model_lr, samples=8, seed=0))
     print_looks(results_dir)
