@@ -12,12 +12,12 @@ label skew (2 sampled per round), and prints accuracy and F1 before and after tr
     python examples/run_glue.py --train_file train.csv --validation_file dev.csv --label_column_name label
     python examples/run_glue.py --model_name_or_path <model> --task_name sst2  # GLUE, needs a reachable dataset hub
     python examples/run_glue.py args.json                                  # every option from one JSON file
-    accelerate launch --multi_gpu --num_processes 2 examples/run_glue.py --use_cpu true  # two CPU processes (gloo)
+    accelerate launch --multi_gpu --num_processes 2 examples/run_glue.py   # two processes (gloo on CPUs)
 
 Under several processes the federated default shares each round's sampled clients out among them; every process
 gets all reports with one all-reduce and applies the same update, so the run gives the model, metrics and bytes of
-one process (`--num_clients 0`: data parallelism, each process on its share of the batch). Without GPUs, pass
-`--use_cpu true`: otherwise transformers does not join the processes into one group (the run stops with an error).
+one process (`--num_clients 0`: data parallelism, each process on its share of the batch). Without GPUs, `HiSoConfig`
+sets `use_cpu=True` itself, so that transformers joins the processes into one gloo group.
 
 Every option not given keeps the default of the embedded run (see `EXAMPLE_DEFAULTS` and the dataclasses below), so
 `--max_steps 50` runs a shorter default. Bad input (unknown task, missing file, no label column, a PEFT target

@@ -5,12 +5,16 @@ rounds. The clients share the Trainer's single model replica: a client runs its 
 parameters, its trajectory is undone, and only its `(tau, P)` scalars are kept, which is all a real client would
 send. The aggregated scalars are queued in the optimizer, whose ordinary `step()` then applies the global update and
 the preconditioner update. Every byte that would travel is counted in a `CommunicationLedger`.
+
+Under several processes (`accelerate launch`, `torchrun`) a round's clients are shared out among the processes, and
+one all-reduce of the reports gives every process the whole round, so all of them apply the same update and the run
+gives the same model, logs and ledger as one process.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -65,10 +69,20 @@ class ClientBatches:
     def next_batch(self) -> dict[str, Any]:
         order = self._permutation()
         idx = order[self.offset : self.offset + self.batch_size]
-        self.offset += self.batch_size
-        if self.offset >= len(order):
-            self.epoch, self.offset, self._order = self.epoch + 1, 0, None
+        self._advance()
         return self.collate_fn([self.dataset[int(i)] for i in idx])
+
+    def skip(self, num_batches: int) -> None:
+        """Moves past the next `num_batches` batches without reading or collating them: the position `next_batch`
+        would leave. A process skips the batches of a client that another process ran, so that every process holds
+        every client's position (checkpoints, and the client's next round wherever it runs)."""
+        for _ in range(num_batches):
+            self._advance()
+
+    def _advance(self) -> None:
+        self.offset += self.batch_size
+        if self.offset >= len(self.dataset):
+            self.epoch, self.offset, self._order = self.epoch + 1, 0, None
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "offset": self.offset}
@@ -78,7 +92,11 @@ class ClientBatches:
 
 
 def client_local_steps(
-    trainer: HiSoTrainer, model: torch.nn.Module, batches: ClientBatches, seeds: Sequence[int]
+    trainer: HiSoTrainer,
+    model: torch.nn.Module,
+    batches: ClientBatches,
+    seeds: Sequence[int],
+    record: Callable[[torch.Tensor, int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A client's part of a round: `len(seeds)` local HiSo steps from the current parameters on its next batches,
     with `H` fixed. Returns the `(tau, P)` directional scalars (all the client uploads) and its loss at the
@@ -86,8 +104,12 @@ def client_local_steps(
     updates); the caller restores or discards them. Shared by [`FederatedZOCallback`] and the Flower client
     (`hf_hiso.flower`), so both run the same code.
 
+    Each step's slopes and forward passes go to `record(slopes, forward_passes)`, by default `trainer.zo_record`
+    (the `zo/*` training metrics).
+
     With the curvature extension the report is `(tau, 2P)`: slopes, then curvature scalars (zeros on steps that
     measure no curvature, which are not sent)."""
+    record = trainer.zo_record if record is None else record
     opt = trainer.zo_optimizer
     with_curvature = opt.curvature is not None
     scalars = torch.empty(len(seeds), opt.num_directions * (2 if with_curvature else 1))
@@ -100,7 +122,7 @@ def client_local_steps(
         if with_curvature:
             measured = opt.curvature.is_curvature_step(seed)
             scalars[k, opt.num_directions :] = curvatures if measured else 0.0
-        trainer.zo_record(slopes, forward_passes=trainer.zo_passes_per_step())
+        record(slopes, trainer.zo_passes_per_step())
         if k < len(seeds) - 1:
             # H is fixed inside a round: local steps move x only.
             opt.apply_updates([PendingUpdate(seed, slopes)], update_hessian=False)
@@ -131,6 +153,19 @@ class FederatedZOCallback(TrainerCallback):
         wire_format: bytes per scalar, seed and parameter, for the ledger.
         history_retention: `"needed"` keeps a round until every client has caught up past it; `"all"` keeps the
             whole history (to rebuild a replica from the initial weights).
+
+    Several processes (`accelerate launch --multi_gpu`, `torchrun`) share the work of a round: the `j`-th reporting
+    client of the round runs on process `j % world_size`, the others skip its batches, and one all-reduce (a sum
+    over a zero-filled table with one row per reporting client: its loss, forward passes and `tau x P` scalars)
+    gives every process every report. All processes then aggregate the same reports and apply the same update
+    (seeds, the sampler and the fault simulation are shared; directions are drawn on CPU by default), so the model,
+    `H`, the logs, the ledger and the checkpoints equal those of one process (bit for bit on the same hardware and
+    thread count). Set `max_steps` or `num_train_epochs` as in one process: the Trainer's own batches only pace the
+    rounds and are not sharded. On a machine without GPUs, set `use_cpu=True`, or the launched processes do not
+    form a group (refused with an error).
+
+    Each client starts from a copy of the round-start parameters (one copy of the trainable tensors per round; not
+    needed, and not made, for one client, one local step and one process).
     """
 
     def __init__(
@@ -188,6 +223,7 @@ class FederatedZOCallback(TrainerCallback):
         self.dropped_reports = 0
         self.empty_rounds = 0
         self._fault_rng: np.random.Generator | None = None
+        self._client_passes = 0
 
     # ---- wiring into the trainer ---------------------------------------------------------------------------------
 
@@ -199,10 +235,20 @@ class FederatedZOCallback(TrainerCallback):
                 "`gradient_accumulation_steps` must be 1 with FederatedZOCallback: one Trainer step is one round; "
                 "raise `per_device_train_batch_size` (each client's batch) instead."
             )
-        if args.world_size > 1:
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > args.world_size:
+            # accelerate/torchrun on a machine without GPUs: unless `use_cpu` is set, transformers does not join the
+            # processes into a (gloo) group, and each would run the whole federation and write the same output_dir.
             raise ValueError(
-                "FederatedZOCallback simulates all clients in one process; under several processes use data-parallel "
-                "HiSoTrainer without it, or the Flower apps (hf_hiso.flower) for real federations."
+                f"The launcher started {launched} processes (WORLD_SIZE) but the Trainer runs as {args.world_size}: "
+                "on a machine without GPUs set `use_cpu=True` (`--use_cpu true`) so that the processes form one "
+                "gloo group and share the federation's clients."
+            )
+        if args.world_size > self.clients_per_round:
+            logger.warning(
+                f"{args.world_size} processes share {self.clients_per_round} clients per round: "
+                f"{args.world_size - self.clients_per_round} of them wait in every round (raise `clients_per_round` "
+                "or use fewer processes)."
             )
         self.trainer = trainer
         trainer.zo_round_runner = self.run_round
@@ -248,6 +294,10 @@ class FederatedZOCallback(TrainerCallback):
             scalars_per_direction=1 if opt.curvature is None else 2,
         )
         self._fault_rng = np.random.default_rng([seed, 0xFA017])
+        # Under several processes `HiSoTrainer` averages the queued scalars over processes (data parallelism). Here
+        # every process queues the same aggregate (`run_round` gathers all reports first): a mean over processes
+        # would cost a collective per round and, for three or more processes, could round the identical values.
+        opt.scalar_reduce = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.trainer is None:
@@ -283,32 +333,66 @@ class FederatedZOCallback(TrainerCallback):
 
     def client_report(self, trainer: HiSoTrainer, model: torch.nn.Module, client: int, plan: RoundPlan):
         """Runs `client`'s local steps from the current (round-start) parameters ([`client_local_steps`]); returns its
-        `(tau, P)` scalars and its loss at the round-start model. The caller restores the parameters."""
-        return client_local_steps(trainer, model, self.clients[client], plan.seeds)
+        `(tau, P)` scalars and its loss at the round-start model. The caller restores the parameters. Only the forward
+        passes are counted here: `run_round` records every client's reported slopes once all reports are in."""
+        return client_local_steps(trainer, model, self.clients[client], plan.seeds, record=self._count_passes)
+
+    def _count_passes(self, slopes: torch.Tensor, forward_passes: int) -> None:
+        self._client_passes += forward_passes
 
     def run_round(self, trainer: HiSoTrainer, model: torch.nn.Module, inputs: Any) -> torch.Tensor:
         """Replaces `HiSoTrainer.training_step`: one whole round (the Trainer's own batch is not used)."""
         opt = trainer.zo_optimizer
         plan = self.server.plan_round()
         missed = {c: len(self.server.missed_rounds(c)) for c in plan.clients}
+        # Faults are drawn in the plan's order from a generator every process holds in the same state, so all
+        # processes agree on who reports.
+        dropped = [c for c in plan.clients if self.drop_rate and self._fault_rng.random() < self.drop_rate]
+        reporting = [c for c in plan.clients if c not in dropped]
+        world, rank = trainer.accelerator.num_processes, trainer.accelerator.process_index
+        mine = set(reporting[rank::world])
+        tau, width = len(plan.seeds), opt.num_directions * (1 if opt.curvature is None else 2)
+        # One row per reporting client: ran (1), loss at x_r, forward passes, then its (tau, width) scalars. Only the
+        # process that ran the client fills its row, so a sum over processes assembles the table (x + 0 == x, and a
+        # NaN stays NaN, so a bad report still reaches `aggregate` and is rejected there).
+        table = torch.zeros(len(reporting), 3 + tau * width, dtype=torch.float64)
         # In the simulation the shared replica already holds x_r, so catching up costs bytes (counted) but no
         # compute; `protocol.replay` is what a real client runs, and the replica test checks it gives x_r.
-        start = [p.detach().clone() for p in opt.params] if self.local_steps > 1 else None
+        # Every client starts from exactly x_r, and the update is applied to exactly x_r: a measurement's in-place
+        # `x + mu z - mu z` is not exact to the last bit, so without this copy one client's rounding would reach
+        # the next client, and replicas that ran different numbers of clients would drift apart. (One client, one
+        # local step, one process: nothing follows the measurement but the update, as in centralized HiSo.)
+        restore = self.local_steps > 1 or self.clients_per_round > 1 or world > 1
+        start = [p.detach().clone() for p in opt.params] if restore and mine else None
         was_training = model.training
         model.eval()
-        reports, losses, dropped = {}, {}, []
         try:
-            for c in plan.clients:
-                if self.drop_rate and self._fault_rng.random() < self.drop_rate:
-                    dropped.append(c)
+            for row, c in enumerate(reporting):
+                if c not in mine:
+                    self.clients[c].skip(tau)  # another process runs c: one batch per local step
                     continue
-                reports[c], losses[c] = self.client_report(trainer, model, c, plan)
+                self._client_passes = 0
+                scalars, loss = self.client_report(trainer, model, c, plan)
+                table[row, 0] = 1.0
+                table[row, 1] = float(loss)
+                table[row, 2] = self._client_passes
+                table[row, 3:] = scalars.detach().double().flatten()
                 if start is not None:
                     with torch.no_grad():
                         for p, s in zip(opt.params, start, strict=True):
                             p.copy_(s)
         finally:
             model.train(was_training)
+        if world > 1 and reporting:
+            table = self._gather_reports(trainer, table, plan.round_idx)
+        reports = {c: table[row, 3:].float().view(tau, width) for row, c in enumerate(reporting)}
+        # The `zo/*` metrics count every client's work and reported slopes, in the plan's order, on every process:
+        # the logs do not depend on which process ran whom.
+        for row, c in enumerate(reporting):
+            trainer.zo_forward_passes += int(table[row, 2])
+            for k in range(tau):
+                trainer.zo_record(reports[c][k, : opt.num_directions], forward_passes=0)
+        losses = {c: table[row, 1].float() for row, c in enumerate(reporting)}
         result = aggregate(reports, self.aggregation, self.trim_ratio)
         if result.rejected:
             logger.warning(
@@ -330,8 +414,20 @@ class FederatedZOCallback(TrainerCallback):
         self.server.commit_round(plan, slopes, [g["lr"] for g in opt.param_groups], curvatures)
         self.ledger.record_round(plan.round_idx, sorted(reports), missed, dropped=dropped)
         kept = [losses[c] for c in result.accepted]
-        loss = torch.stack(kept).float().mean() if kept else torch.tensor(float("nan"))
+        loss = torch.stack(kept).mean() if kept else torch.tensor(float("nan"))
         return loss.detach().to(trainer.args.device)
+
+    @staticmethod
+    def _gather_reports(trainer: HiSoTrainer, table: torch.Tensor, round_idx: int) -> torch.Tensor:
+        """Sums the processes' partial report tables (one all-reduce) and checks that each row was filled once."""
+        acc = trainer.accelerator
+        table = acc.reduce(table.to(acc.device), reduction="sum").cpu()
+        if not torch.equal(table[:, 0], torch.ones_like(table[:, 0])):
+            raise RuntimeError(
+                f"Round {round_idx}: the processes disagree on which process runs which client (rows filled "
+                f"{table[:, 0].tolist()} times, expected once each); their federations have diverged."
+            )
+        return table
 
     # ---- logging, summary, checkpoints ---------------------------------------------------------------------------
 

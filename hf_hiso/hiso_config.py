@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import torch
 from transformers import TrainingArguments
+from transformers.utils import logging
 
 from .curvature import BLOCKINGS, check_curvature_settings
 from .zo_optimizer import check_zo_settings, parse_cache_setting
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -200,6 +205,8 @@ class HiSoConfig(ZOArguments, TrainingArguments):
         max_grad_norm: `0.0`. There is no gradient to clip.
         average_tokens_across_devices: `False`. The scalars are averaged over processes instead, and transformers
             would otherwise rescale the logged loss under several processes.
+        use_cpu: set to `True` when several processes are launched (`WORLD_SIZE > 1`) on a machine without an
+            accelerator, so that `accelerate launch --multi_gpu --num_processes 2` works on CPUs as it does on GPUs.
     """
 
     learning_rate: float = field(default=1e-4, metadata={"help": "The learning rate eta of the ZO update."})
@@ -215,4 +222,9 @@ class HiSoConfig(ZOArguments, TrainingArguments):
         # Checked before TrainingArguments' own post-init, which would try to import DeepSpeed or set up FSDP first.
         self.check_zo()
         check_trainer_compatibility(self)
+        if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+            # `accelerate launch --multi_gpu` / `torchrun` on a machine without GPUs: transformers joins the processes
+            # into a (gloo) group only with `use_cpu=True`; otherwise each would train alone into the same output_dir.
+            logger.info("Several processes and no accelerator: setting `use_cpu=True` so that they form one group.")
+            self.use_cpu = True
         super().__post_init__()

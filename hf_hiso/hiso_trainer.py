@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from accelerate.data_loader import BatchSamplerShard
 from accelerate.utils import DistributedType
 from torch import nn
 from transformers import Trainer, TrainingArguments
@@ -149,6 +150,17 @@ class HiSoTrainer(Trainer):
                     for tensor in [*model.parameters(), *model.buffers()]:
                         torch.distributed.broadcast(tensor.data, src=0)
         return model
+
+    def get_train_dataloader(self) -> Any:
+        """[`~transformers.Trainer.get_train_dataloader`]; in a federated run (a [`FederatedZOCallback`]) under several
+        processes, not sharded: a round reads its clients' batches itself and the Trainer's batches only pace the
+        rounds, so every process iterates all of them and an epoch is as many rounds as in one process."""
+        dataloader = super().get_train_dataloader()
+        batch_sampler = getattr(dataloader, "batch_sampler", None)
+        if self.zo_round_runner is not None and isinstance(batch_sampler, BatchSamplerShard):
+            # What the Trainer itself does to a sampler that must not be re-sharded (`BatchRebalanceSampler`).
+            batch_sampler.num_processes, batch_sampler.process_index = 1, 0
+        return dataloader
 
     def _mean_over_processes(self, scalars: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(scalars.to(self.accelerator.device), reduction="mean").cpu()
