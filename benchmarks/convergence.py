@@ -11,6 +11,9 @@ Methods, all on the same client splits, client batches, sampled clients and roun
 * `decomfl`: the same with `zo_preconditioner=False` (H = I).
 * `mezo`: centralized `HiSoTrainer` (no federation), P = 1, central difference, no preconditioner; one step per
   "round", batch 16, the Trainer's own data order. It communicates nothing, so it has no bytes curve.
+* `block` (opt-in, mode `curvature`; not part of `full`): HiSo with the block curvature extension
+  (`zo_curvature=True`, `docs/curvature.md`), central difference (2P + 1 passes per step, 2 scalars per direction
+  uploaded and counted by the ledger), other settings as `hiso`.
 * `fedavg`: first-order FedAvg: each sampled client loads the global head, runs `local_steps` AdamW steps (the
   Trainer's default optimizer and hyper-parameters, one AdamW state per client kept between its rounds, dropout on
   as in `Trainer.train`) on the same client batches, and the server averages the clients' parameters (uniform mean,
@@ -23,11 +26,18 @@ the plots from whatever has finished.
     python benchmarks/convergence.py --mode short            # minutes: the smoke test
     nohup python benchmarks/convergence.py --mode full > benchmarks/results/full.log 2>&1 &
     python benchmarks/convergence.py --mode full --report    # tables and plots from the finished runs
+    python benchmarks/convergence.py --mode curvature        # `block` only, into the full mode's results
+
+`--mode curvature` runs the `block` method on the full mode's grid, seeds and rounds, paper federation only, into the
+full mode's results directory; its report (also appended to `--mode full --report` once block runs exist) compares
+block, HiSo and DeComFL at each one's best lr: final accuracy, and rounds, bytes and forward passes to DeComFL's best
+accuracy.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import statistics
 import sys
@@ -69,8 +79,19 @@ from hf_hiso.zo_optimizer import NonFiniteScalarError  # noqa: E402
 ZO_METHODS = ("hiso", "decomfl", "mezo")
 METHODS = (*ZO_METHODS, "fedavg")
 FEDERATED = ("hiso", "decomfl", "fedavg")
-LABELS = {"hiso": "HiSo", "decomfl": "DeComFL", "mezo": "MeZO (central.)", "fedavg": "FedAvg (AdamW)"}
-COLORS = {"hiso": "C3", "decomfl": "C0", "mezo": "C2", "fedavg": "C7"}
+# Opt-in: the block curvature extension (docs/curvature.md). Not in METHODS, so the full mode's sweep and report are
+# those of the paper's methods whether or not block runs sit in the same results directory.
+CURVATURE_METHODS = ("block",)
+# What the curvature report compares, at each one's best lr.
+CURVATURE_COMPARED = ("decomfl", "hiso", "block")
+LABELS = {
+    "hiso": "HiSo",
+    "decomfl": "DeComFL",
+    "mezo": "MeZO (central.)",
+    "fedavg": "FedAvg (AdamW)",
+    "block": "HiSo + block curv.",
+}
+COLORS = {"hiso": "C3", "decomfl": "C0", "mezo": "C2", "fedavg": "C7", "block": "C1"}
 
 
 @dataclass(frozen=True)
@@ -127,6 +148,10 @@ MODES = {
         eval_every=25,
     ),
 }
+# The curvature extension on the full mode's grid, seeds and rounds, paper federation only; its runs go to the full
+# mode's results directory (RESULTS_OF) so that they sit beside the HiSo and DeComFL runs they are compared with.
+MODES["curvature"] = dataclasses.replace(MODES["full"], federations=(PAPER,), methods=CURVATURE_METHODS)
+RESULTS_OF = {"curvature": "full"}
 
 
 # ---- one run --------------------------------------------------------------------------------------------------------
@@ -165,6 +190,7 @@ def run_zo(
     train = features_dataset(feats)
     val_ids, val_labels = example_ids(feats, "validation"), feats["validation"]["labels"]
     mezo = method == "mezo"
+    block = method == "block"
     with tempfile.TemporaryDirectory() as tmp:
         args = HiSoConfig(
             output_dir=tmp,
@@ -182,11 +208,12 @@ def run_zo(
             dataloader_num_workers=0,
             zo_eps=mode.zo_eps,
             zo_num_directions=1 if mezo else mode.num_directions,
-            zo_difference="central" if mezo else "forward",
-            zo_preconditioner=method == "hiso",
+            zo_difference="central" if mezo or block else "forward",
+            zo_preconditioner=method in ("hiso", "block"),
             # Keeps each round's P directions (P x d floats, 3 MB here) instead of drawing them again for every
             # client, the restoration and the update: the same numbers, so the same run, at about half the CPU time.
             zo_cache_directions=True,
+            **({"zo_curvature": True} if block else {}),
             **(zo_overrides or {}),
         )
         fed_cb = None
@@ -234,6 +261,14 @@ def run_zo(
                 out["hessian_tensors"] = {
                     names[id(p)]: h.detach().clone() for p, h in zip(trainer.zo_optimizer.params, hs, strict=True)
                 }
+        info = trainer.zo_optimizer.block_hessian()
+        if info is not None:
+            # The learned block curvature theta and preconditioner H_b of each tensor at the end of the run.
+            names = {id(p): n for n, p in model.named_parameters()}
+            out["block_curvature"] = {
+                names[id(p)]: {"theta": float(info["theta"][b]), "hessian": float(info["hessian"][b])}
+                for p, b in zip(trainer.zo_optimizer.params, info["block_of"].tolist(), strict=True)
+            }
         if keep_state:
             out["model"] = model
     return out
@@ -428,11 +463,34 @@ def mean_curve(runs: list[dict]) -> tuple[list[int], list[float]]:
     return rounds, [statistics.fmean(r["history"][i]["accuracy"] for r in runs) for i in range(n)]
 
 
-def best_lrs(runs: list[dict], seeds: list[int]) -> dict[str, tuple[float, dict[float, float]]]:
+THRESHOLD_SHARES = (0.5, 0.75, 0.9, 0.95, 1.0)
+
+
+def threshold_rounds(
+    decomfl: tuple[list[int], list[float]], hiso: tuple[list[int], list[float]]
+) -> list[dict[str, Any]]:
+    """Rounds for each seed-mean curve to reach accuracies a share of the way from the initial accuracy to DeComFL's
+    final one (a steadier reading of "rounds to DeComFL's accuracy" than one noisy maximum)."""
+    (r_dec, a_dec), (r_hiso, a_hiso) = decomfl, hiso
+    rows = []
+    for share in THRESHOLD_SHARES:
+        target = a_dec[0] + share * (a_dec[-1] - a_dec[0])
+        reach = {
+            m: next((r for r, a in zip(rs, acc, strict=True) if a >= target - 1e-12), None)
+            for m, (rs, acc) in (("decomfl", (r_dec, a_dec)), ("hiso", (r_hiso, a_hiso)))
+        }
+        speedup = reach["decomfl"] / reach["hiso"] if reach["decomfl"] and reach["hiso"] else None
+        rows.append({"share": share, "accuracy": target, **reach, "speedup": speedup})
+    return rows
+
+
+def best_lrs(
+    runs: list[dict], seeds: list[int], methods: tuple[str, ...] = METHODS
+) -> dict[str, tuple[float, dict[float, float]]]:
     """Per method: the lr with the best mean tail accuracy over the seeds that every lr of the method finished, and
     the mean tail accuracy of each lr."""
     out = {}
-    for method in METHODS:
+    for method in methods:
         by_lr: dict[float, dict[int, dict]] = {}
         for r in runs:
             if r["method"] == method:
@@ -521,6 +579,7 @@ def summarize(results_dir: Path) -> dict[str, Any]:
                     "hiso_rounds": hiso_round,
                     "hiso_best": max(a_hiso),
                     "speedup": dec_round / hiso_round if hiso_round else None,
+                    "thresholds": threshold_rounds((r_dec, a_dec), (r_hiso, a_hiso)),
                 }
             entry["seeds"] = seeds
             report[f"{task}/{fed}"] = entry
@@ -588,6 +647,13 @@ def print_report(report: dict[str, Any]) -> None:
             print(
                 f"  HiSo at every lr of the grid, rounds to that accuracy (not a fair pick, for reading only): {cells}"
             )
+            print("  rounds to a share of the way from the initial accuracy to DeComFL's final one (seed means):")
+            for t in mc.get("thresholds", []):
+                sp = f"{t['speedup']:.2f}x" if t["speedup"] else "-"
+                print(
+                    f"    {t['share']:>4.0%} (acc {t['accuracy']:.4f}): DeComFL {t['decomfl'] or 'not reached'}, "
+                    f"HiSo {t['hiso'] or 'not reached'}, speedup {sp}"
+                )
 
 
 def plot(results_dir: Path, report: dict[str, Any], docs_dir: Path, prefix: str) -> list[Path]:
@@ -639,6 +705,186 @@ def plot(results_dir: Path, report: dict[str, Any], docs_dir: Path, prefix: str)
     return paths
 
 
+# ---- curvature extension report -------------------------------------------------------------------------------------
+
+
+def passes_per_round(run: dict) -> float:
+    """Forward passes per round, all sampled clients together (constant here: every step of a `block` run is a
+    curvature step, `2P + 1` passes per client; `P + 1` for HiSo and DeComFL)."""
+    return run["forward_passes"] / max(run["history"][-1]["round"], 1)
+
+
+def curve_at_budget(run_curves: list[dict], budget: float) -> float | None:
+    """Seed-mean accuracy at the last evaluation whose forward passes are within `budget`."""
+    rounds, acc = mean_curve(run_curves)
+    per_round = statistics.fmean(passes_per_round(r) for r in run_curves)
+    within = [a for r, a in zip(rounds, acc, strict=True) if r * per_round <= budget + 1e-9]
+    return within[-1] if within else None
+
+
+def summarize_curvature(results_dir: Path) -> dict[str, Any]:
+    """For each (task, federation) with `block` runs: block, HiSo and DeComFL at each one's best lr (over the seeds
+    that block has): final and tail accuracy, accuracy at equal forward passes (HiSo's and DeComFL's total), and per
+    seed and on the seed-mean curves the rounds, ledger bytes and forward passes to DeComFL's best accuracy."""
+    runs = [r for r in load_results(results_dir) if r["method"] in CURVATURE_COMPARED]
+    report: dict[str, Any] = {}
+    for task, fed in sorted({(r["task"], r["federation"]["name"]) for r in runs if r["method"] == "block"}):
+        group = [r for r in runs if r["task"] == task and r["federation"]["name"] == fed]
+        seeds = sorted({r["seed"] for r in group if r["method"] == "block"})
+        best = best_lrs(group, seeds, CURVATURE_COMPARED)
+        if set(best) != set(CURVATURE_COMPARED):
+            continue
+        at_best = {m: {r["seed"]: r for r in group if r["method"] == m and r["lr"] == best[m][0]} for m in best}
+        common = sorted(set.intersection(*(set(v) for v in at_best.values())) & set(seeds))
+        if not common:
+            continue
+        entry: dict[str, Any] = {"seeds": common, "best_lr": {m: v[0] for m, v in best.items()}}
+        entry["lr_scores"] = {m: {f"{lr:g}": sc for lr, sc in v[1].items()} for m, v in best.items()}
+        entry["passes_per_round"] = {m: passes_per_round(at_best[m][common[0]]) for m in best}
+        # Equal compute: HiSo's (and DeComFL's) whole run, in forward passes.
+        budget = max(at_best["hiso"][s]["forward_passes"] for s in common)
+        entry["equal_passes_budget"] = budget
+        entry["methods"] = {}
+        for m in CURVATURE_COMPARED:
+            sel = [at_best[m][s] for s in common]
+            entry["methods"][m] = {
+                "final_accuracy": statistics.fmean(r["final_accuracy"] for r in sel),
+                "final_by_seed": [r["final_accuracy"] for r in sel],
+                "tail_accuracy": statistics.fmean(tail_accuracy(r) for r in sel),
+                "accuracy_at_budget": curve_at_budget(sel, budget),
+                "bytes_per_round": sel[0]["history"][-1]["bytes_total"] / max(sel[0]["history"][-1]["round"], 1),
+                "diverged": sum(r["diverged"] for r in sel),
+            }
+        per_seed = []
+        for s in common:
+            dec = at_best["decomfl"][s]
+            target = max(h["accuracy"] for h in dec["history"])
+            row: dict[str, Any] = {"seed": s, "target": target}
+            for m in CURVATURE_COMPARED:
+                reach = first_reach(at_best[m][s], target)
+                row[m] = (
+                    None
+                    if reach is None
+                    else {
+                        "rounds": reach[0],
+                        "bytes": reach[1],
+                        "passes": round(reach[0] * passes_per_round(at_best[m][s])),
+                    }
+                )
+            per_seed.append(row)
+        entry["to_decomfl_best"] = per_seed
+        # The same on the seed-mean curves (less sensitive to one lucky evaluation).
+        curves = {m: mean_curve([at_best[m][s] for s in common]) for m in CURVATURE_COMPARED}
+        target = max(curves["decomfl"][1])
+        mean_rows: dict[str, Any] = {"target": target}
+        for m, (rounds, acc) in curves.items():
+            r_hit = next((r for r, a in zip(rounds, acc, strict=True) if a >= target - 1e-12), None)
+            if r_hit is None:
+                mean_rows[m] = {"rounds": None, "best": max(acc)}
+                continue
+            hist = at_best[m][common[0]]["history"]
+            bytes_hit = next(h["bytes_total"] for h in hist if h["round"] == r_hit)
+            mean_rows[m] = {
+                "rounds": r_hit,
+                "bytes": bytes_hit,
+                "passes": round(r_hit * entry["passes_per_round"][m]),
+                "best": max(acc),
+            }
+        entry["mean_curve"] = mean_rows
+        block_state = [at_best["block"][s].get("block_curvature") for s in common]
+        if all(block_state):
+            # Per tensor, the seeds' values at the end of the run (their spread is part of the result).
+            entry["block_curvature"] = {
+                name: {k: [b[name][k] for b in block_state] for k in ("theta", "hessian")} for name in block_state[0]
+            }
+        report[f"{task}/{fed}"] = entry
+    return report
+
+
+def print_curvature_report(report: dict[str, Any]) -> None:
+    def reach(cell: dict | None) -> str:
+        if cell is None or cell["rounds"] is None:
+            return "not reached" + (f" (best {cell['best']:.4f})" if cell else "")
+        return f"{cell['rounds']} rounds, {fmt_bytes(cell['bytes'])}, {cell['passes']} passes"
+
+    for key, e in report.items():
+        print(f"\n=== curvature extension: {key} (seeds {e['seeds']}) ===")
+        print("mean tail accuracy (last 10% of rounds) per lr; * = best:")
+        for m, scores in e["lr_scores"].items():
+            cells = "  ".join(
+                f"{lr}:{sc:.4f}{'*' if float(lr) == e['best_lr'][m] else ''}" for lr, sc in scores.items()
+            )
+            print(f"  {LABELS[m]:19s} {cells}")
+        budget = e["equal_passes_budget"]
+        print(
+            f"| method | best lr | final acc (mean; per seed) | acc at {budget:.0f} forward passes | passes / round "
+            "| bytes / round | rounds, bytes, passes to DeComFL's best (seed-mean curve) |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        mc = e["mean_curve"]
+        for m, v in e["methods"].items():
+            per_seed = ", ".join(f"{a:.4f}" for a in v["final_by_seed"])
+            at = "-" if v["accuracy_at_budget"] is None else f"{v['accuracy_at_budget']:.4f}"
+            print(
+                f"| {LABELS[m]} | {e['best_lr'][m]:g} | {v['final_accuracy']:.4f} ({per_seed}) | {at} | "
+                f"{e['passes_per_round'][m]:.0f} | {v['bytes_per_round']:.1f} | {reach(mc[m])} |"
+            )
+        print(f"DeComFL's best on the seed-mean curve: {mc['target']:.4f}; per seed (target = DeComFL's best):")
+        for row in e["to_decomfl_best"]:
+            cells = "; ".join(f"{LABELS[m]}: {reach(row[m])}" for m in CURVATURE_COMPARED)
+            print(f"  seed {row['seed']}: target {row['target']:.4f}; {cells}")
+        if "block_curvature" in e:
+            print("block curvature learned by the end of the run, per seed:")
+            for n, v in e["block_curvature"].items():
+                theta = ", ".join(f"{t:.3g}" for t in v["theta"])
+                hess = ", ".join(f"{h:.3g}" for h in v["hessian"])
+                print(f"  {n:18s} theta ({theta}); H_b ({hess})")
+
+
+def plot_curvature(results_dir: Path, report: dict[str, Any], docs_dir: Path) -> list[Path]:
+    """Accuracy against rounds and against forward passes: DeComFL, HiSo and block at their best lrs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = load_results(results_dir)
+    paths = []
+    for key, e in report.items():
+        task, fed = key.split("/")
+        fig, (ax_r, ax_p) = plt.subplots(1, 2, figsize=(11, 4))
+        for m in CURVATURE_COMPARED:
+            lr = e["best_lr"][m]
+            sel = [
+                r
+                for r in runs
+                if r["task"] == task
+                and r["federation"]["name"] == fed
+                and r["method"] == m
+                and r["lr"] == lr
+                and r["seed"] in e["seeds"]
+            ]
+            rounds, acc = mean_curve(sel)
+            label = f"{LABELS[m]} lr={lr:g} ({len(sel)} seeds)"
+            ax_r.plot(rounds, acc, color=COLORS[m], label=label)
+            ax_p.plot([r * e["passes_per_round"][m] for r in rounds], acc, color=COLORS[m], label=label)
+        for ax in (ax_r, ax_p):
+            ax.axhline(e["mean_curve"]["target"], color="grey", lw=0.8, ls=":")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8, loc="lower right")
+            ax.set_ylabel("validation accuracy (seed mean)")
+        ax_r.set_xlabel("communication rounds")
+        ax_p.set_xlabel("forward passes (all sampled clients)")
+        fig.suptitle(f"{task}, federation '{fed}': block curvature vs HiSo vs DeComFL, best lr each")
+        fig.tight_layout()
+        path = docs_dir / f"curvature_convergence_{task}_{fed}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=sorted(MODES), default="short")
@@ -648,9 +894,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
     parser.add_argument("--workers", type=int, default=1, help="runs in parallel (one thread each)")
     parser.add_argument("--check-cache", action="store_true", help="compare the cached head with the full model")
+    parser.add_argument(
+        "--lrs", type=float, nargs="+", default=None, help="run only these lrs of the mode's zeroth-order grid"
+    )
     args = parser.parse_args(argv)
     mode = MODES[args.mode]
-    results_dir = args.results_dir or RESULTS_DIR / "convergence" / args.mode
+    if args.lrs:
+        unknown = sorted(set(args.lrs) - set(mode.zo_lrs))
+        if unknown:
+            parser.error(f"--lrs {unknown} not in the {args.mode} mode's grid {list(mode.zo_lrs)}")
+        mode = dataclasses.replace(mode, zo_lrs=tuple(lr for lr in mode.zo_lrs if lr in args.lrs))
+    results_dir = args.results_dir or RESULTS_DIR / "convergence" / RESULTS_OF.get(args.mode, args.mode)
     if args.check_cache:
         for task in mode.tasks:
             print(task, check_cached_head_matches_model(task, limit=mode.feature_limit))
@@ -658,12 +912,19 @@ def main(argv: list[str] | None = None) -> None:
     print(f"machine: {machine()}")
     if not args.report:
         run_sweep(args.mode, mode, results_dir, args.max_runs, args.workers)
-    report = summarize(results_dir)
-    write_json(results_dir / "report.json", report)
-    print_report(report)
-    prefix = "convergence" if args.mode == "full" else f"convergence_{args.mode}"
-    for p in plot(results_dir, report, args.docs_dir, prefix):
-        print(f"plot: {p}")
+    if args.mode not in RESULTS_OF:
+        report = summarize(results_dir)
+        write_json(results_dir / "report.json", report)
+        print_report(report)
+        prefix = "convergence" if args.mode == "full" else f"convergence_{args.mode}"
+        for p in plot(results_dir, report, args.docs_dir, prefix):
+            print(f"plot: {p}")
+    curvature = summarize_curvature(results_dir)
+    if curvature:
+        write_json(results_dir / "report_curvature.json", curvature)
+        print_curvature_report(curvature)
+        for p in plot_curvature(results_dir, curvature, args.docs_dir):
+            print(f"plot: {p}")
 
 
 if __name__ == "__main__":
