@@ -16,7 +16,13 @@ Methods:
 * `block`: `curvature=True` (learned block curvature, one block per tensor), central differences (2P + 1 = 11);
 * `block4`: the same with `curvature_every=4` (a quarter of the steps central, 7.25 passes / step on average).
 
-    python benchmarks/curvature_lora.py --method block --lr 0.1 --steps 300
+    python benchmarks/curvature_lora.py --method block --lr 0.1 --steps 300 \\
+        --out benchmarks/results/curvature_lora/block_lr0.1.json
+    python benchmarks/curvature_lora.py --report benchmarks/results/curvature_lora    # tables from the saved records
+
+The report takes each method at its best lr (best mean accuracy over the last two evaluations) and gives the accuracy
+at equal steps and at equal forward passes (the passes plain ZO-SGD spends in the run's steps), and the steps and
+passes each method needs to reach the head-alone run's final accuracy.
 """
 
 from __future__ import annotations
@@ -118,10 +124,79 @@ def block_summary(model, opt: HiSoOptimizer) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in out.items()}
 
 
+def score(record: dict) -> float:
+    """Mean accuracy over the last two evaluations (one evaluation is noisy on 1,000 examples)."""
+    return sum(e["accuracy"] for e in record["evals"][-2:]) / len(record["evals"][-2:])
+
+
+def accuracy_within(record: dict, key: str, budget: float) -> float | None:
+    """Accuracy at the last evaluation with `key` (steps or passes) within `budget`."""
+    within = [e["accuracy"] for e in record["evals"] if e[key] <= budget]
+    return within[-1] if within else None
+
+
+def report(results_dir: Path) -> dict:
+    """Prints the tables from the records under `results_dir` and returns them."""
+    records = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
+    by_method: dict[str, list[dict]] = {}
+    for r in records:
+        by_method.setdefault(r["method"], []).append(r)
+    print("accuracy after the last step, per lr (mean of the last two evaluations; * = best):")
+    best = {}
+    for method in METHODS:
+        runs = sorted(by_method.get(method, []), key=lambda r: r["lr"])
+        if not runs:
+            continue
+        best[method] = max(runs, key=score)
+        cells = "  ".join(f"{r['lr']:g}:{score(r):.3f}{'*' if r is best[method] else ''}" for r in runs)
+        print(f"  {method:7s} {cells}")
+    if not best:
+        return {}
+    steps = max(e["step"] for r in best.values() for e in r["evals"])
+    checkpoints = sorted({e["step"] for r in best.values() for e in r["evals"] if e["step"] > 0})
+    budget = 6 * steps  # what plain ZO-SGD (P + 1 = 6 passes a step) spends in the run's steps
+    target = score(best["head"]) if "head" in best else None
+    print(
+        "\n| method | lr | trainable | passes / step | "
+        + " | ".join(f"acc @ step {c}" for c in checkpoints)
+        + f" | acc @ {budget} passes | steps (passes) to head's {target if target is None else round(target, 3)} |"
+    )
+    print("|---|---|---|---|" + "---|" * len(checkpoints) + "---|---|")
+    table = {}
+    for method, r in best.items():
+        last = r["evals"][-1]
+        per_step = last["passes"] / max(last["step"], 1)
+        at_steps = [accuracy_within(r, "step", c) for c in checkpoints]
+        at_budget = accuracy_within(r, "passes", budget)
+        hit = None if target is None else next((e for e in r["evals"] if e["accuracy"] >= target - 1e-12), None)
+        reach = "not reached" if hit is None else f"{hit['step']} ({hit['passes']})"
+        curv = {k: v for k, v in last.items() if k.startswith(("theta_", "H_"))}
+        table[method] = {
+            "lr": r["lr"],
+            "at_steps": dict(zip(checkpoints, at_steps, strict=True)),
+            "at_budget": at_budget,
+            "reach_head": None if hit is None else {"step": hit["step"], "passes": hit["passes"]},
+            "final_curvature": curv,
+        }
+        cells = " | ".join("-" if a is None else f"{a:.3f}" for a in at_steps)
+        print(
+            f"| {method} | {r['lr']:g} | {r['trainable']} | {per_step:.2f} | {cells} | "
+            f"{'-' if at_budget is None else f'{at_budget:.3f}'} | {reach} |"
+        )
+    for method, r in best.items():
+        curv = table[method]["final_curvature"]
+        if curv:
+            print(
+                f"{method} lr {r['lr']:g}, end of run: " + ", ".join(f"{k} {v:.3g}" for k, v in sorted(curv.items()))
+            )
+    return table
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", choices=METHODS, required=True)
-    parser.add_argument("--lr", type=float, required=True)
+    parser.add_argument("--report", type=Path, default=None, help="print the tables from the records in this folder")
+    parser.add_argument("--method", choices=METHODS)
+    parser.add_argument("--lr", type=float)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -134,6 +209,10 @@ def main(argv: list[str] | None = None) -> dict:
         "--threads", type=int, default=1, help="torch threads (1 is about 5x faster than 2 on a busy 2-core machine)"
     )
     args = parser.parse_args(argv)
+    if args.report is not None:
+        return report(args.report)
+    if args.method is None or args.lr is None:
+        parser.error("--method and --lr are required (or --report DIR)")
     torch.set_num_threads(args.threads)
 
     model, train, val = load(args.max_length, args.val_size, args.seed)

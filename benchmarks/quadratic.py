@@ -31,7 +31,7 @@ plain ZO-SGD spends in `max_steps` steps (`6 * max_steps`), for the comparison a
 A second part measures the estimate alone (lr = 0) on 10 blocks of 10,000 entries with a 0.1x..1.9x curvature spread
 inside each block, for several half-widths `w` of the random block factors: are the factors needed?
 
-    python benchmarks/quadratic.py            # about 70 minutes on 2 shared cores
+    python benchmarks/quadratic.py            # about 11 minutes on one core of a shared 2-core machine
     python benchmarks/quadratic.py --quick    # seconds (smoke test)
 """
 
