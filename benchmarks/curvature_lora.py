@@ -14,7 +14,9 @@ Methods:
 * `fixed`: `H` frozen at 100 on every LoRA tensor and 1 on the head (the hand-set scale of MEASURED.md);
 * `head`: the head alone trainable (770 entries), plain ZO: the speed to match;
 * `block`: `curvature=True` (learned block curvature, one block per tensor), central differences (2P + 1 = 11);
-* `block4`: the same with `curvature_every=4` (a quarter of the steps central, 7.25 passes / step on average).
+* `block4`: the same with `curvature_every=4` (a quarter of the steps central, 7.25 passes / step on average);
+* `snr`: `block` with `curvature_target="snr"` (H_b proportional to theta_b / gamma_b, gamma_b the mean squared
+  gradient per entry learned from the squared slopes: long directions where the signal per unit curvature is large).
 
     python benchmarks/curvature_lora.py --method block --lr 0.1 --steps 300 \\
         --out benchmarks/results/curvature_lora/block_lr0.1.json
@@ -42,7 +44,7 @@ import torch  # noqa: E402
 
 from hf_hiso import HiSoOptimizer  # noqa: E402
 
-METHODS = ("plain", "hiso", "fixed", "head", "block", "block4")
+METHODS = ("plain", "hiso", "fixed", "head", "block", "block4", "snr")
 
 
 class FixedPreconditionerOptimizer(HiSoOptimizer):
@@ -97,6 +99,8 @@ def make_optimizer(method: str, model, lr: float, seed: int, floor: float | None
         opt._scales = None
         return opt
     extra = {} if floor is None else {"curvature_floor": floor}
+    if method == "snr":
+        extra["curvature_target"] = "snr"
     return HiSoOptimizer(params, curvature=True, curvature_every=4 if method == "block4" else 1, **common, **extra)
 
 
@@ -120,6 +124,8 @@ def block_summary(model, opt: HiSoOptimizer) -> dict[str, float]:
     for name, b in zip(names, info["block_of"].tolist(), strict=True):
         kind = "lora_A" if "lora_A" in name else "lora_B" if "lora_B" in name else "head"
         out.setdefault(f"theta_{kind}", []).append(float(info["theta"][b]))
+        if "gamma" in info:
+            out.setdefault(f"gamma_{kind}", []).append(float(info["gamma"][b]))
         out.setdefault(f"H_{kind}", []).append(float(info["hessian"][b]))
     return {k: sum(v) / len(v) for k, v in out.items()}
 
@@ -170,7 +176,7 @@ def report(results_dir: Path) -> dict:
         at_budget = accuracy_within(r, "passes", budget)
         hit = None if target is None else next((e for e in r["evals"] if e["accuracy"] >= target - 1e-12), None)
         reach = "not reached" if hit is None else f"{hit['step']} ({hit['passes']})"
-        curv = {k: v for k, v in last.items() if k.startswith(("theta_", "H_"))}
+        curv = {k: v for k, v in last.items() if k.startswith(("theta_", "gamma_", "H_"))}
         table[method] = {
             "lr": r["lr"],
             "at_steps": dict(zip(checkpoints, at_steps, strict=True)),

@@ -19,7 +19,9 @@ Methods, all `HiSoOptimizer.step(closure)`, P = 5, mu = 1e-3, centralized:
 * `block`: `curvature=True` (hf_hiso.curvature, defaults): central differences on every step (2P + 1 passes);
 * `block_noscale`: the same without the random block factors (`curvature_spread=0`);
 * `block_every4`: `curvature_every=4`: a quarter of the steps central, the others forward;
-* `block_floor1e-2`: `curvature_floor=1e-2` (ten times the default floor).
+* `block_floor1e-2`: `curvature_floor=1e-2` (ten times the default floor);
+* `block_snr`: `curvature_target="snr"` (H_b proportional to theta_b / gamma_b, gamma_b learned from the squared
+  slopes; not in the default run's table unless asked for with `--methods`).
 
 Each method runs at its own best learning rate from a factor-2 grid (searched from the top down, stopping once two
 smaller rates are worse). Reported: steps (and forward passes) to reach `f <= target * f(x0)` (at most `max_steps`),
@@ -53,12 +55,23 @@ from hf_hiso import HiSoOptimizer
 
 DOCS_DIR = Path(__file__).resolve().parents[1] / "docs"
 PROBLEMS = ("coordinate", "coordinate_sorted", "block")
-METHODS = ("plain", "hiso", "oracle", "oracle_block", "block", "block_noscale", "block_every4", "block_floor1e-2")
-LEARNED = ("block", "block_noscale", "block_every4", "block_floor1e-2")
+METHODS = (
+    "plain",
+    "hiso",
+    "oracle",
+    "oracle_block",
+    "block",
+    "block_noscale",
+    "block_every4",
+    "block_floor1e-2",
+    "block_snr",
+)
+LEARNED = ("block", "block_noscale", "block_every4", "block_floor1e-2", "block_snr")
 VARIANTS = {
     "block_noscale": {"curvature_spread": 0.0},
     "block_every4": {"curvature_every": 4},
     "block_floor1e-2": {"curvature_floor": 1e-2},
+    "block_snr": {"curvature_target": "snr"},
 }
 
 
@@ -304,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--target", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--problems", nargs="*", default=list(PROBLEMS), choices=PROBLEMS)
-    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="*", default=[m for m in METHODS if m != "block_snr"], choices=METHODS)
     parser.add_argument("--plot", type=Path, default=DOCS_DIR / "curvature_quadratic.png")
     parser.add_argument("--json", type=Path, default=None, help="write all results here")
     args = parser.parse_args(argv)

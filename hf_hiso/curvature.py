@@ -38,9 +38,21 @@ plain directions:
 and `H` moves toward `T` by at most a factor `MAX_STEP = 2` per block and curvature step (a trust region; the mean is
 then restored), so that one poor early estimate cannot stretch a block's directions by `1 / sqrt(floor)` at once.
 
-`R`, `r`, `theta` and `H` (a `B x B` matrix and three `B`-vectors) are built from seeds and averaged scalars only,
-in float64 and in a fixed order, so every replica holds the same state without it being sent. They live in
-`optimizer.state["curvature"]` and are checkpointed with the optimizer.
+With `target="snr"` (opt-in) `H` follows the gradient signal per unit curvature instead. The same features give
+`E[g_p**2 | z_p] = sum_b gamma_b x_{p,b}` (`gamma_b = ||grad_b||**2 / n_b`, cross terms of mean zero), so a second
+moment `r_g <- lambda r_g + sum_p x_p gbar_p**2` solved with the same `R` and shrinkage gives `gamma`. ZO-SGD's
+expected decrease at its best lr is `G / 2T` with `G = sum_b n_b gamma_b / H_b` and `T = sum_b n_b theta_b / H_b`, so
+blocks with a large `gamma_b / theta_b` deserve long directions:
+
+    w_b = gamma_b^+ / max(theta_b^+, floor * m),   H_b ~ 1 / max(w_b, floor * mean_n(w)),
+
+scaled so that `T` (with `theta` floored as above) equals its value for plain directions, which keeps the stable
+learning rate of plain directions (mean 1 over entries would let `T` grow by up to `1 / floor`), with the same trust
+region. The second moment is kept with either target (it is cheap and lets one resume with the other).
+
+`R`, `r`, `r_g`, `theta`, `gamma` and `H` (a `B x B` matrix and five `B`-vectors) are built from seeds and averaged
+scalars only, in float64 and in a fixed order, so every replica holds the same state without it being sent. They live
+in `optimizer.state["curvature"]` and are checkpointed with the optimizer.
 """
 
 from __future__ import annotations
@@ -58,12 +70,21 @@ _STEP_TAG = 0xC0B1C0B1
 _FACTOR_TAG = 0xB10CFAC7
 
 BLOCKINGS = ("tensor", "group")
+# What sets the block values of H: the learned curvature alone, or the signal per unit curvature (gamma / theta).
+TARGETS = ("curvature", "snr")
 # Largest factor by which a block's H may change in one curvature step.
 MAX_STEP = 2.0
 
 
 def check_curvature_settings(
-    *, every: int, forget: float, floor: float, spread: float, prior: float, prefix: str = "curvature_"
+    *,
+    every: int,
+    forget: float,
+    floor: float,
+    spread: float,
+    prior: float,
+    target: str = "curvature",
+    prefix: str = "curvature_",
 ) -> None:
     """Raises a `ValueError` naming the field (with `prefix`, e.g. `"zo_curvature_"`) and the allowed values."""
 
@@ -83,6 +104,8 @@ def check_curvature_settings(
         raise bad("spread", "in [0, 1] (half-width of the block factors a**2 ~ U[1 - w, 1 + w])", spread)
     if not (number(prior) and prior > 0.0):
         raise bad("prior", "a finite number > 0 (the weight of the shrinkage toward the pooled curvature)", prior)
+    if target not in TARGETS:
+        raise bad("target", f"one of {TARGETS} (what sets the block values of H)", target)
 
 
 def block_index(
@@ -117,6 +140,9 @@ class BlockCurvature:
         floor: smallest `theta_b` used, relative to the entry-weighted mean of `theta^+`.
         spread: `w`, half-width of the block factors `a**2 ~ U[1 - w, 1 + w]` (0 turns them off).
         prior: `rho`, weight of the shrinkage of `theta` toward the pooled curvature, in pseudo-rows per block.
+        target: `"curvature"` (`H_b` proportional to `theta_b`) or `"snr"` (`H_b` proportional to `theta_b / gamma_b`,
+            long directions for the blocks with the most gradient signal per unit curvature; see the module
+            docstring).
     """
 
     def __init__(
@@ -129,8 +155,9 @@ class BlockCurvature:
         floor: float = 1e-3,
         spread: float = 0.75,
         prior: float = 0.1,
+        target: str = "curvature",
     ):
-        check_curvature_settings(every=every, forget=forget, floor=floor, spread=spread, prior=prior)
+        check_curvature_settings(every=every, forget=forget, floor=floor, spread=spread, prior=prior, target=target)
         self.block_of = list(block_of)
         self.num_blocks = len(block_sizes)
         if sorted(set(self.block_of)) != list(range(self.num_blocks)):
@@ -141,6 +168,7 @@ class BlockCurvature:
         self.floor = floor
         self.spread = spread
         self.prior = prior
+        self.target = target
         self._factors_key: tuple[int, int] | None = None
         self._factors = torch.ones(0, 0, dtype=torch.float64)
 
@@ -157,14 +185,17 @@ class BlockCurvature:
     # ---- state ----------------------------------------------------------------------------------------------------
 
     def init_state(self) -> dict[str, Any]:
-        """`gram` (`R`, `B x B`), `moment` (`r`), `theta` (NaN until the first estimate), `hessian` (`H_b`, ones),
+        """`gram` (`R`, `B x B`), `moment` (`r`), `moment_grad` (`r_g`, the moment of the squared slopes), `theta` and
+        `gamma` (NaN until the first estimate), `hessian` (`H_b`, ones),
         `weight` (`N`, discounted rows), `rows` (rows used), `updates` (curvature steps used) and `skipped_rows`
         (non-finite `c`)."""
         b = self.num_blocks
         return {
             "gram": torch.zeros(b, b, dtype=torch.float64),
             "moment": torch.zeros(b, dtype=torch.float64),
+            "moment_grad": torch.zeros(b, dtype=torch.float64),
             "theta": torch.full((b,), float("nan"), dtype=torch.float64),
+            "gamma": torch.full((b,), float("nan"), dtype=torch.float64),
             "hessian": torch.ones(b, dtype=torch.float64),
             "block_sizes": self.block_sizes.clone(),
             "weight": 0.0,
@@ -181,6 +212,15 @@ class BlockCurvature:
                 "The saved curvature state was built for other blocks (block sizes "
                 f"{state['block_sizes'].tolist()}, now {self.block_sizes.tolist()})."
             )
+        if "moment_grad" not in state:
+            if self.target == "snr":
+                raise ValueError(
+                    "The saved curvature state holds no gradient moment (`moment_grad`, saved before "
+                    '`curvature_target` existed): it cannot resume with `curvature_target="snr"`.'
+                )
+            # A checkpoint from before the gradient moment: the curvature target does not use it.
+            state["moment_grad"] = torch.zeros(self.num_blocks, dtype=torch.float64)
+            state["gamma"] = torch.full((self.num_blocks,), float("nan"), dtype=torch.float64)
 
     # ---- what every party derives from a seed ---------------------------------------------------------------------
 
@@ -221,11 +261,23 @@ class BlockCurvature:
 
     # ---- learning -------------------------------------------------------------------------------------------------
 
-    def update(self, state: dict[str, Any], features: torch.Tensor, curvatures: torch.Tensor) -> None:
-        """Adds one curvature step's rows (features `(P, B)`, averaged `c` `(P,)`) with forgetting, re-solves `theta`
-        and sets `H`. Rows with a non-finite `c` are skipped (and counted): every party skips the same ones."""
+    def update(
+        self,
+        state: dict[str, Any],
+        features: torch.Tensor,
+        curvatures: torch.Tensor,
+        slopes: torch.Tensor | None = None,
+    ) -> None:
+        """Adds one curvature step's rows (features `(P, B)`, averaged `c` `(P,)` and, if given, averaged slopes
+        `(P,)`) with forgetting, re-solves `theta` (and `gamma` from the squared slopes) and sets `H`. Rows with a
+        non-finite `c` or slope are skipped (and counted): every party skips the same ones. `slopes` are required
+        with `target="snr"`."""
+        if slopes is None and self.target == "snr":
+            raise ValueError('`curvature_target="snr"` needs the averaged slopes in `BlockCurvature.update`.')
         c = curvatures.double()
         keep = torch.isfinite(c) & torch.isfinite(features).all(1)
+        if slopes is not None:
+            keep &= torch.isfinite(slopes.double())
         state["skipped_rows"] += int((~keep).sum())
         if not bool(keep.any()):
             return
@@ -233,23 +285,44 @@ class BlockCurvature:
         # New tensors rather than in-place updates: a `state_dict()` taken earlier must not change under it.
         state["gram"] = self.forget * state["gram"] + x.T @ x
         state["moment"] = self.forget * state["moment"] + x.T @ c
+        if slopes is not None:
+            # E[g_p**2 | z_p] = sum_b gamma_b x_{p,b}: the same features as for the curvature.
+            state["moment_grad"] = self.forget * state["moment_grad"] + x.T @ slopes.double()[keep].square()
         state["weight"] = self.forget * state["weight"] + len(c)
         state["rows"] += len(c)
         state["updates"] += 1
-        theta = self.solve(
-            state["gram"], state["moment"], self.prior * self.forget ** state["updates"] / state["weight"]
-        )
+        ridge = self.prior * self.forget ** state["updates"] / state["weight"]
+        theta = self.solve(state["gram"], state["moment"], ridge)
         state["theta"] = theta
-        target = self.preconditioner(theta)
+        if slopes is not None:
+            state["gamma"] = self.solve(state["gram"], state["moment_grad"], ridge)
+        if self.target == "snr":
+            target = self.snr_preconditioner(theta, state["gamma"])
+        else:
+            target = self.preconditioner(theta)
+        if target is None:
+            return
         # Before 2B rows the estimate is mostly prior and noise: keep plain directions.
-        if target is None or state["rows"] < 2 * self.num_blocks:
+        if state["rows"] < 2 * self.num_blocks:
             return
         # A trust region: each block's H moves by at most a factor MAX_STEP per curvature step (then the mean is
         # restored), so one poor early estimate cannot stretch a block's directions 30x before more rows arrive.
         old = state["hessian"]
         moved = torch.minimum(torch.maximum(target, old / MAX_STEP), old * MAX_STEP)
+        state["hessian"] = self.normalise(moved, theta)
+
+    def normalise(self, hessian: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """Rescales `H`: to mean 1 over entries (`target="curvature"`, where that also keeps the trace below), or
+        (`target="snr"`) so that `sum_b n_b theta_b / H_b`, with `theta` floored as in the target, equals its value
+        for plain directions: that trace limits ZO-SGD's stable learning rate, so a learning rate that suits plain
+        directions suits these too. (Mean 1 over entries would let it grow by up to `1 / floor` as `H` shrinks on a
+        stiff block with a large gradient: the quadratic benchmark diverged at every learning rate.)"""
         n = self.block_sizes
-        state["hessian"] = moved / float((n * moved).sum() / n.sum())
+        if self.target == "snr":
+            positive = theta.clamp_min(0.0)
+            floored = positive.clamp_min(self.floor * float((n * positive).sum() / n.sum()))
+            return hessian * float((n * floored / hessian).sum() / (n * floored).sum())
+        return hessian / float((n * hessian).sum() / n.sum())
 
     def solve(self, gram: torch.Tensor, moment: torch.Tensor, ridge: float) -> torch.Tensor:
         """`theta = (R + k diag(R))^{-1} (r + k diag(R) theta_bar 1)` with `k = ridge`, solved after a Jacobi scaling
@@ -274,6 +347,22 @@ class BlockCurvature:
             return None
         floored = positive.clamp_min(self.floor * mean)
         return floored / float((n * floored).sum() / n.sum())
+
+    def snr_preconditioner(self, theta: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor | None:
+        """`H_b` for `target="snr"`: `1 / w_b` with `w_b = gamma_b^+ / max(theta_b^+, floor * m)` (`m` the
+        entry-weighted mean of `theta^+`), `w` floored at `floor` times its entry-weighted mean, scaled so that
+        `sum_b n_b theta_b / H_b` is that of plain directions (see [`~BlockCurvature.normalise`]). `None` (keep the
+        current `H`) when no block has positive curvature or gradient signal."""
+        n = self.block_sizes
+        positive = theta.clamp_min(0.0)
+        mean = float((n * positive).sum() / n.sum())
+        if not mean > 0.0 or not math.isfinite(mean):
+            return None
+        weight = gamma.clamp_min(0.0) / positive.clamp_min(self.floor * mean)
+        mean_weight = float((n * weight).sum() / n.sum())
+        if not mean_weight > 0.0 or not math.isfinite(mean_weight):
+            return None
+        return self.normalise(1.0 / weight.clamp_min(self.floor * mean_weight), theta)
 
     def stats(self, state: dict[str, Any]) -> dict[str, float]:
         h, n = state["hessian"], self.block_sizes

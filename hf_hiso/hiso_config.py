@@ -10,7 +10,7 @@ import torch
 from transformers import TrainingArguments
 from transformers.utils import logging
 
-from .curvature import BLOCKINGS, check_curvature_settings
+from .curvature import BLOCKINGS, TARGETS, check_curvature_settings
 from .zo_optimizer import check_zo_settings, parse_cache_setting
 
 logger = logging.get_logger(__name__)
@@ -118,6 +118,16 @@ class ZOArguments:
             "value; it fades as regression rows come in."
         },
     )
+    zo_curvature_target: str = field(
+        default="curvature",
+        metadata={
+            "help": "What sets the block values of the curvature preconditioner: 'curvature' (H_b proportional to the "
+            "learned block curvature theta_b) or 'snr' (H_b proportional to theta_b / gamma_b, gamma_b the mean "
+            "squared gradient per entry learned from the squared slopes: long directions for the blocks with the "
+            "most gradient signal per unit curvature).",
+            "choices": list(TARGETS),
+        },
+    )
 
     def check_zo(self) -> None:
         self.zo_cache_directions = parse_cache_setting(self.zo_cache_directions, name="zo_cache_directions")
@@ -139,6 +149,7 @@ class ZOArguments:
             floor=self.zo_curvature_floor,
             spread=self.zo_curvature_spread,
             prior=self.zo_curvature_prior,
+            target=self.zo_curvature_target,
             prefix="zo_curvature_",
         )
 
@@ -169,6 +180,7 @@ class ZOArguments:
             "curvature_floor": self.zo_curvature_floor,
             "curvature_spread": self.zo_curvature_spread,
             "curvature_prior": self.zo_curvature_prior,
+            "curvature_target": self.zo_curvature_target,
         }
 
 

@@ -103,7 +103,7 @@ class HiSoOptimizer(torch.optim.Optimizer):
             differences and report one curvature scalar per direction beside the slope.
         curvature_blocks: `"tensor"` (one block per trainable tensor), `"group"` (per parameter group) or a block id
             per tensor.
-        curvature_every, curvature_forget, curvature_floor, curvature_spread, curvature_prior: see
+        curvature_every, curvature_forget, curvature_floor, curvature_spread, curvature_prior, curvature_target: see
             [`~hf_hiso.curvature.BlockCurvature`].
     """
 
@@ -131,6 +131,7 @@ class HiSoOptimizer(torch.optim.Optimizer):
         curvature_floor: float = 1e-3,
         curvature_spread: float = 0.75,
         curvature_prior: float = 0.1,
+        curvature_target: str = "curvature",
     ):
         check_zo_settings(
             zo_eps=zo_eps,
@@ -149,6 +150,7 @@ class HiSoOptimizer(torch.optim.Optimizer):
             "floor": curvature_floor,
             "spread": curvature_spread,
             "prior": curvature_prior,
+            "target": curvature_target,
         }
         if curvature:
             check_curvature_settings(**curvature_kwargs)
@@ -231,13 +233,14 @@ class HiSoOptimizer(torch.optim.Optimizer):
         return self._scales
 
     def block_hessian(self) -> dict[str, torch.Tensor] | None:
-        """With `curvature=True`: copies of the learned block curvature `theta` and the preconditioner `H_b` (one
-        value per block), plus the block of each tensor; `None` otherwise."""
+        """With `curvature=True`: copies of the learned block curvature `theta`, the mean squared gradient per entry
+        `gamma` and the preconditioner `H_b` (one value per block), plus the block of each tensor; `None` otherwise."""
         if self.curvature is None:
             return None
         state = self.state["curvature"]
         return {
             "theta": state["theta"].clone(),
+            "gamma": state["gamma"].clone(),
             "hessian": state["hessian"].clone(),
             "block_of": torch.tensor(self.curvature.block_of),
         }
@@ -418,12 +421,12 @@ class HiSoOptimizer(torch.optim.Optimizer):
         # The features use H before this update (the one the directions were measured with), so they are computed
         # for every step first; H changes only after all of them.
         rows = [
-            (est.features(state, u.seed, n), u.curvatures)
+            (est.features(state, u.seed, n), u.curvatures, u.slopes)
             for u, n in zip(updates, norms, strict=True)
             if n is not None
         ]
-        for features, curvatures in rows:
-            est.update(state, features, curvatures)
+        for features, curvatures, slopes in rows:
+            est.update(state, features, curvatures, slopes)
         if rows:
             self._scales = None
 

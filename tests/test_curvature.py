@@ -219,17 +219,19 @@ def test_every_k_measures_a_share_of_steps_and_counts_passes():
     assert opt.state["curvature"]["updates"] == curvature_steps
 
 
-def test_state_dict_round_trip_and_wrong_blocks():
+@pytest.mark.parametrize("target", ["curvature", "snr"])
+def test_state_dict_round_trip_and_wrong_blocks(target):
     params = make_params([10, 30])
     hs = [torch.full((10,), 1.0, dtype=torch.float64), torch.full((30,), 20.0, dtype=torch.float64)]
-    opt = HiSoOptimizer(params, lr=1e-3, curvature=True, seed=1)
+    opt = HiSoOptimizer(params, lr=1e-3, curvature=True, curvature_target=target, seed=1)
     for _ in range(5):
         opt.step(quadratic(hs, params))
+    assert bool((opt.state["curvature"]["moment_grad"] > 0).all())
     sd = copy.deepcopy(opt.state_dict())  # as through torch.save / torch.load
     copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    opt2 = HiSoOptimizer(copies, lr=1e-3, curvature=True, seed=1)
+    opt2 = HiSoOptimizer(copies, lr=1e-3, curvature=True, curvature_target=target, seed=1)
     opt2.load_state_dict(sd)
-    for key in ("gram", "moment", "theta", "hessian"):
+    for key in ("gram", "moment", "moment_grad", "theta", "gamma", "hessian"):
         torch.testing.assert_close(opt2.state["curvature"][key], opt.state["curvature"][key], rtol=0, atol=0)
     opt.step(quadratic(hs, params))
     opt2.step(quadratic(hs, copies))
@@ -267,6 +269,7 @@ def test_scalar_reduce_averages_curvatures_too():
         ("zo_curvature_spread", 1.5),
         ("zo_curvature_prior", 0.0),
         ("zo_curvature_blocks", "layer"),
+        ("zo_curvature_target", "gradient"),
     ],
 )
 def test_invalid_config(tmp_path, field, value):
@@ -302,12 +305,14 @@ def test_trainer_logs_passes_and_resumes_with_the_curvature_state(tmp_path):
         torch.testing.assert_close(resumed.zo_optimizer.state["curvature"][key], opt.state["curvature"][key])
 
 
-def test_federated_lora_replica_rebuilt_from_history_with_curvature(tmp_path):
+@pytest.mark.parametrize("target", ["curvature", "snr"])
+def test_federated_lora_replica_rebuilt_from_history_with_curvature(tmp_path, target):
     """LoRA adapter + head, two local steps per round: seeds, averaged slopes and averaged curvature scalars rebuild
     the adapter and the curvature state exactly (H has left I, so the replay depends on it); the ledger counts two
     scalars per direction."""
     rounds, clients, sampled, tau, P = 4, 4, 2, 2, 3
     kw = {"max_steps": rounds, "zo_num_directions": P, "zo_curvature": True, "per_device_train_batch_size": 4}
+    kw["zo_curvature_target"] = target
     callback = FederatedZOCallback(
         num_clients=clients, clients_per_round=sampled, local_steps=tau, partition="iid", history_retention="all"
     )
@@ -331,13 +336,14 @@ def test_federated_lora_replica_rebuilt_from_history_with_curvature(tmp_path):
     replay(replica, history)
     for a, b in zip(replica.params, opt.params, strict=True):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=1e-6)
-    for key in ("gram", "moment", "theta", "hessian"):
+    for key in ("gram", "moment", "moment_grad", "theta", "gamma", "hessian"):
         torch.testing.assert_close(replica.state["curvature"][key], trained_state[key], rtol=1e-9, atol=0)
     assert callback.ledger.scalars_per_direction == 2
     assert callback.ledger.bytes_uplink_total == rounds * sampled * tau * P * 2 * 4
 
 
-def test_protocol_with_every_k_replays_exactly():
+@pytest.mark.parametrize("target", ["curvature", "snr"])
+def test_protocol_with_every_k_replays_exactly(target):
     """The protocol by hand (no Trainer): forward differences with `curvature_every=2`, two local steps, clients
     with different losses; steps that measure no curvature send placeholders that never reach the state. A replica
     replaying the history holds the same parameters and curvature state."""
@@ -346,12 +352,17 @@ def test_protocol_with_every_k_replays_exactly():
     shifts = [torch.linspace(-1, 1, sum(sizes), dtype=torch.float64) * (c + 1) for c in range(3)]
 
     def client_loss(params, c):
-        x = torch.cat([p.flatten() for p in params]) - shifts[c]
-        return lambda: 0.5 * (torch.cat(hs) * x * x).sum()
+        def loss():
+            x = torch.cat([p.flatten() for p in params]) - shifts[c]
+            return 0.5 * (torch.cat(hs) * x * x).sum()
+
+        return loss
 
     def make():
         params = make_params(sizes)
-        return params, HiSoOptimizer(params, lr=1e-3, num_directions=P, curvature=True, curvature_every=2, seed=0)
+        return params, HiSoOptimizer(
+            params, lr=1e-3, num_directions=P, curvature=True, curvature_every=2, curvature_target=target, seed=0
+        )
 
     params, opt = make()
     server = FederatedServer(3, 2, local_steps=tau, seed=0, history_retention="all")
@@ -387,10 +398,12 @@ def test_protocol_with_every_k_replays_exactly():
     assert 0 < state["updates"] < 12 * tau and state["skipped_rows"] == 0
 
     replica_params, replica = make()
+    # H has left I, so the replay below depends on the learned state (theta, and gamma for "snr")
+    assert not torch.equal(state["hessian"], torch.ones_like(state["hessian"]))
     replay(replica, [server.history[r] for r in sorted(server.history)])
     for a, b in zip(replica_params, params, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
-    for key in ("gram", "moment", "theta", "hessian"):
+    for key in ("gram", "moment", "moment_grad", "theta", "gamma", "hessian"):
         torch.testing.assert_close(replica.state["curvature"][key], state[key], rtol=0, atol=0)
 
 
@@ -406,3 +419,83 @@ def test_quadratic_benchmark_quick(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "| block | block |" in out.stdout and png.stat().st_size > 0
+
+
+# ---- signal-to-curvature target (curvature_target="snr") ----------------------------------------------------------
+
+
+def _exact_rows(est, theta, gamma, updates, seed=0):
+    """Feeds `updates` curvature steps of exact rows: `c = x theta` and slopes with `g**2 = x gamma` (random signs)."""
+    state = est.init_state()
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(updates):
+        x = 5 + 10 * torch.rand(3, len(theta), generator=g, dtype=torch.float64)
+        signs = torch.randint(0, 2, (3,), generator=g).double() * 2 - 1
+        est.update(state, x, x @ theta, signs * (x @ gamma).sqrt())
+    return state
+
+
+def test_gamma_is_recovered_from_exact_squared_slopes():
+    """The squared slopes obey `E[g**2 | z] = sum_b gamma_b x_b`; on exact rows the same regression as for `theta`
+    (same gram, same shrinkage) recovers `gamma`, and the default target learns it too without using it for H."""
+    theta = torch.tensor([1.0, 100.0, 10.0], dtype=torch.float64)
+    gamma = torch.tensor([2.0, 0.5, 30.0], dtype=torch.float64)
+    for target in ("curvature", "snr"):
+        # a weak prior: all-positive features are strongly collinear, so shrinkage bias shows up in small blocks
+        est = BlockCurvature([0, 1, 2], [10, 20, 30], target=target, prior=1e-6)
+        state = _exact_rows(est, theta, gamma, 40)
+        torch.testing.assert_close(state["theta"], theta, rtol=1e-2, atol=0)
+        torch.testing.assert_close(state["gamma"], gamma, rtol=1e-2, atol=0)
+    # the curvature target with the old call (no slopes) leaves the gradient moment alone
+    est = BlockCurvature([0, 1], [10, 10])
+    state = est.init_state()
+    x = torch.tensor([[1.0, 2.0], [3.0, 1.0]], dtype=torch.float64)
+    est.update(state, x, x @ theta[:2])
+    assert torch.equal(state["moment_grad"], torch.zeros(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="snr"):
+        BlockCurvature([0, 1], [10, 10], target="snr").update(est.init_state(), x, x @ theta[:2])
+
+
+def test_snr_target_gives_long_directions_to_the_most_signal_per_curvature():
+    """Three equal blocks, theta = (1, 100, 10), gamma = (1, 1000, 1): w = gamma / theta = (1, 10, 0.1), so H is
+    proportional to (1, 0.1, 10), scaled so that sum_b theta_b / H_b = sum_b theta_b (the trace of plain directions):
+    the stiffest block (1) gets the longest directions because its gradient is larger still, where the curvature
+    target makes it the shortest."""
+    theta = torch.tensor([1.0, 100.0, 10.0], dtype=torch.float64)
+    gamma = torch.tensor([1.0, 1000.0, 1.0], dtype=torch.float64)
+    est = BlockCurvature([0, 1, 2], [10, 10, 10], target="snr", prior=1e-6)
+    inverse = torch.tensor([1.0, 0.1, 10.0], dtype=torch.float64)
+    expected = inverse * float((theta / inverse).sum() / theta.sum())
+    torch.testing.assert_close(est.snr_preconditioner(theta, gamma), expected)
+    state = _exact_rows(est, theta, gamma, 40)
+    torch.testing.assert_close(state["hessian"], expected, rtol=2e-2, atol=0)
+    assert int(state["hessian"].argmin()) == 1
+    curv = _exact_rows(BlockCurvature([0, 1, 2], [10, 10, 10], prior=1e-6), theta, gamma, 40)
+    assert int(curv["hessian"].argmax()) == 1
+    # the floors: a block without signal gets the largest H allowed (1 / (floor * mean w)), not infinity
+    no_signal = est.snr_preconditioner(theta, torch.tensor([1.0, 1000.0, 0.0], dtype=torch.float64))
+    w = torch.tensor([1.0, 10.0, 0.0], dtype=torch.float64)
+    w = w.clamp_min(est.floor * float(w.mean()))
+    torch.testing.assert_close(no_signal, (1 / w) * float((theta * w).sum() / theta.sum()))
+    # the stable learning rate is that of plain directions: the trace sum_b n_b theta_b / H_b is unchanged
+    learned = state["theta"]
+    assert float((learned / state["hessian"]).sum()) == pytest.approx(float(learned.sum()), rel=1e-9)
+    assert est.snr_preconditioner(theta, torch.zeros(3, dtype=torch.float64)) is None
+
+
+def test_old_checkpoint_without_gradient_moment():
+    """A curvature state saved before `moment_grad` existed loads with the curvature target (the moment starts at
+    zero) and is refused with the snr target, which would otherwise act on a gamma it never learned."""
+    params = make_params([10, 30])
+    hs = [torch.full((10,), 1.0, dtype=torch.float64), torch.full((30,), 20.0, dtype=torch.float64)]
+    opt = HiSoOptimizer(params, lr=1e-3, curvature=True, seed=1)
+    opt.step(quadratic(hs, params))
+    sd = copy.deepcopy(opt.state_dict())
+    curv = sd["state"]["curvature"]
+    del curv["moment_grad"], curv["gamma"]
+    old = HiSoOptimizer(make_params([10, 30]), lr=1e-3, curvature=True, seed=1)
+    old.load_state_dict(copy.deepcopy(sd))
+    assert torch.equal(old.state["curvature"]["moment_grad"], torch.zeros(2, dtype=torch.float64))
+    snr = HiSoOptimizer(make_params([10, 30]), lr=1e-3, curvature=True, curvature_target="snr", seed=1)
+    with pytest.raises(ValueError, match="moment_grad"):
+        snr.load_state_dict(copy.deepcopy(sd))
