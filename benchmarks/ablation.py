@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import DOCS_DIR, RESULTS_DIR, FrozenEncoderHead, load_features, machine, read_json, write_json  # noqa: E402
+from common import DOCS_DIR, RESULTS_DIR, FrozenEncoderHead, load_features, machine, read_json, save_figure, write_json  # noqa: E402
 from convergence import MODES, PAPER, Federation, run_zo, tail_accuracy  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
@@ -457,11 +457,7 @@ def plot(results_dir: Path, report: dict, settings: dict, lr: float, path: Path)
         ax.set_ylabel("per-tensor mean learned H")
         ax.set_title(f"full MiniLM after {f['steps']} HiSo steps, {len(x)} tensors")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"plot: {path}")
+    print(f"plot: {save_figure(fig, path)}")
 
 
 if __name__ == "__main__":

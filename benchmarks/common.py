@@ -66,6 +66,17 @@ def machine() -> str:
 # ---- JSON results, one file per run ---------------------------------------------------------------------------------
 
 
+def save_figure(fig: Any, path: Path, dpi: int = 110) -> Path:
+    """Lays out, writes (creating the folder) and closes a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Writes atomically (temporary file, then rename), so a killed run never leaves a half-written result that a
     resumed sweep would take for a finished one."""

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import DOCS_DIR, RESULTS_DIR, lr_tag, machine, read_json, write_json  # noqa: E402
+from common import DOCS_DIR, RESULTS_DIR, lr_tag, machine, read_json, save_figure, write_json  # noqa: E402
 
 from hf_hiso import HiSoOptimizer  # noqa: E402
 
@@ -237,11 +237,7 @@ def plot(results_dir: Path, report: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("(f - f*) / (f(x0) - f*)")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"plot: {path}")
+    print(f"plot: {save_figure(fig, path)}")
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ from common import (  # noqa: E402
     lr_tag,
     machine,
     read_json,
+    save_figure,
     write_json,
 )
 from transformers import PrinterCallback, default_data_collator  # noqa: E402
@@ -457,6 +458,21 @@ def first_reach(run: dict, target: float) -> tuple[int, int, int] | None:
     return None
 
 
+def select_runs(
+    runs: list[dict], task: str, federation: str, method: str, lr: float, seeds: list[int] | None = None
+) -> list[dict]:
+    """The finished runs of one (task, federation, method, lr), optionally of the given seeds only."""
+    return [
+        r
+        for r in runs
+        if r["task"] == task
+        and r["federation"]["name"] == federation
+        and r["method"] == method
+        and r["lr"] == lr
+        and (seeds is None or r["seed"] in seeds)
+    ]
+
+
 def mean_curve(runs: list[dict]) -> tuple[list[int], list[float]]:
     n = min(len(r["history"]) for r in runs)
     rounds = [h["round"] for h in runs[0]["history"][:n]]
@@ -670,11 +686,7 @@ def plot(results_dir: Path, report: dict[str, Any], docs_dir: Path, prefix: str)
         fig, (ax_r, ax_b) = plt.subplots(1, 2, figsize=(11, 4))
         for m, lr in e["best_lr"].items():
             fed_name = "central" if m == "mezo" else fed
-            sel = [
-                r
-                for r in runs
-                if r["task"] == task and r["federation"]["name"] == fed_name and r["method"] == m and r["lr"] == lr
-            ]
+            sel = select_runs(runs, task, fed_name, m, lr)
             if not sel:
                 continue
             n = min(len(r["history"]) for r in sel)
@@ -696,12 +708,7 @@ def plot(results_dir: Path, report: dict[str, Any], docs_dir: Path, prefix: str)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8, loc="lower right")
         fig.suptitle(f"{task}, federation '{fed}': each method at its best lr (mean, band = min..max over seeds)")
-        fig.tight_layout()
-        path = docs_dir / f"{prefix}_{task}_{fed}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, docs_dir / f"{prefix}_{task}_{fed}.png"))
     return paths
 
 
@@ -855,15 +862,7 @@ def plot_curvature(results_dir: Path, report: dict[str, Any], docs_dir: Path) ->
         fig, (ax_r, ax_p) = plt.subplots(1, 2, figsize=(11, 4))
         for m in CURVATURE_COMPARED:
             lr = e["best_lr"][m]
-            sel = [
-                r
-                for r in runs
-                if r["task"] == task
-                and r["federation"]["name"] == fed
-                and r["method"] == m
-                and r["lr"] == lr
-                and r["seed"] in e["seeds"]
-            ]
+            sel = select_runs(runs, task, fed, m, lr, seeds=e["seeds"])
             rounds, acc = mean_curve(sel)
             label = f"{LABELS[m]} lr={lr:g} ({len(sel)} seeds)"
             ax_r.plot(rounds, acc, color=COLORS[m], label=label)
@@ -876,12 +875,7 @@ def plot_curvature(results_dir: Path, report: dict[str, Any], docs_dir: Path) ->
         ax_r.set_xlabel("communication rounds")
         ax_p.set_xlabel("forward passes (all sampled clients)")
         fig.suptitle(f"{task}, federation '{fed}': block curvature vs HiSo vs DeComFL, best lr each")
-        fig.tight_layout()
-        path = docs_dir / f"curvature_convergence_{task}_{fed}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, docs_dir / f"curvature_convergence_{task}_{fed}.png"))
     return paths
 
 

@@ -165,7 +165,7 @@ class HiSoOptimizer(torch.optim.Optimizer):
         self.skip_nonfinite = skip_nonfinite
         cache_directions = parse_cache_setting(cache_directions)
         if cache_directions == "auto":
-            cache_directions = self.direction_cache_bytes(num_directions) <= CACHE_AUTO_BYTES
+            cache_directions = self.direction_cache_bytes() <= CACHE_AUTO_BYTES
         self.source = DirectionSource(generator=generator, cache=cache_directions)
         self.pending: list[PendingUpdate] = []
         # Hook for data parallelism: maps the stacked pending scalars to their mean over processes.
@@ -190,10 +190,9 @@ class HiSoOptimizer(torch.optim.Optimizer):
         """The trainable tensors in direction order: param groups in order, then each group's tensors in order."""
         return [p for group in self.param_groups for p in group["params"]]
 
-    def direction_cache_bytes(self, num_directions: int | None = None) -> int:
+    def direction_cache_bytes(self) -> int:
         """Memory the direction cache takes: `P` directions of every trainable tensor, in the tensors' dtype."""
-        p = self.num_directions if num_directions is None else num_directions
-        return p * sum(t.numel() * t.element_size() for t in self.params)
+        return self.num_directions * sum(t.numel() * t.element_size() for t in self.params)
 
     @property
     def cache_directions(self) -> bool:
