@@ -14,6 +14,9 @@ Methods, all on the same client splits, client batches, sampled clients and roun
 * `block` (opt-in, mode `curvature`; not part of `full`): HiSo with the block curvature extension
   (`zo_curvature=True`, `docs/curvature.md`), central difference (2P + 1 passes per step, 2 scalars per direction
   uploaded and counted by the ledger), other settings as `hiso`.
+* `snr`, `snr4` (opt-in, mode `curvature`): `block` with `zo_curvature_target="snr"` (block values from the gradient
+  signal per unit curvature); `snr4` estimates on a quarter of the rounds only (`zo_curvature_every=4`: forward
+  differences and one scalar per direction on the other rounds).
 * `fedavg`: first-order FedAvg: each sampled client loads the global head, runs `local_steps` AdamW steps (the
   Trainer's default optimizer and hyper-parameters, one AdamW state per client kept between its rounds, dropout on
   as in `Trainer.train`) on the same client batches, and the server averages the clients' parameters (uniform mean,
@@ -26,12 +29,12 @@ the plots from whatever has finished.
     python benchmarks/convergence.py --mode short            # minutes: the smoke test
     nohup python benchmarks/convergence.py --mode full > benchmarks/results/full.log 2>&1 &
     python benchmarks/convergence.py --mode full --report    # tables and plots from the finished runs
-    python benchmarks/convergence.py --mode curvature        # `block` only, into the full mode's results
+    python benchmarks/convergence.py --mode curvature        # the curvature methods, into the full mode's results
 
-`--mode curvature` runs the `block` method on the full mode's grid, seeds and rounds, paper federation only, into the
-full mode's results directory; its report (also appended to `--mode full --report` once block runs exist) compares
-block, HiSo and DeComFL at each one's best lr: final accuracy, and rounds, bytes and forward passes to DeComFL's best
-accuracy.
+`--mode curvature` runs the `block`, `snr` and `snr4` methods on the full mode's grid, seeds and rounds, paper
+federation only, into the full mode's results directory; its report (also appended to `--mode full --report` once
+block runs exist) compares them with HiSo and DeComFL at each one's best lr: final accuracy, and rounds, bytes and
+forward passes to DeComFL's best accuracy.
 """
 
 from __future__ import annotations
@@ -82,17 +85,19 @@ METHODS = (*ZO_METHODS, "fedavg")
 FEDERATED = ("hiso", "decomfl", "fedavg")
 # Opt-in: the block curvature extension (docs/curvature.md). Not in METHODS, so the full mode's sweep and report are
 # those of the paper's methods whether or not block runs sit in the same results directory.
-CURVATURE_METHODS = ("block",)
-# What the curvature report compares, at each one's best lr.
-CURVATURE_COMPARED = ("decomfl", "hiso", "block")
+CURVATURE_METHODS = ("block", "snr", "snr4")
+# What the curvature report compares, at each one's best lr (the curvature methods that have runs).
+CURVATURE_COMPARED = ("decomfl", "hiso", *CURVATURE_METHODS)
 LABELS = {
     "hiso": "HiSo",
     "decomfl": "DeComFL",
     "mezo": "MeZO (central.)",
     "fedavg": "FedAvg (AdamW)",
     "block": "HiSo + block curv.",
+    "snr": "block, snr target",
+    "snr4": "snr, every 4th",
 }
-COLORS = {"hiso": "C3", "decomfl": "C0", "mezo": "C2", "fedavg": "C7", "block": "C1"}
+COLORS = {"hiso": "C3", "decomfl": "C0", "mezo": "C2", "fedavg": "C7", "block": "C1", "snr": "C4", "snr4": "C5"}
 
 
 @dataclass(frozen=True)
@@ -191,7 +196,10 @@ def run_zo(
     train = features_dataset(feats)
     val_ids, val_labels = example_ids(feats, "validation"), feats["validation"]["labels"]
     mezo = method == "mezo"
-    block = method == "block"
+    block = method in CURVATURE_METHODS
+    curvature = {"zo_curvature": True, "zo_curvature_target": "curvature" if method == "block" else "snr"}
+    if method == "snr4":
+        curvature["zo_curvature_every"] = 4
     with tempfile.TemporaryDirectory() as tmp:
         args = HiSoConfig(
             output_dir=tmp,
@@ -209,12 +217,12 @@ def run_zo(
             dataloader_num_workers=0,
             zo_eps=mode.zo_eps,
             zo_num_directions=1 if mezo else mode.num_directions,
-            zo_difference="central" if mezo or block else "forward",
-            zo_preconditioner=method in ("hiso", "block"),
+            zo_difference="central" if mezo or method in ("block", "snr") else "forward",
+            zo_preconditioner=method == "hiso" or block,
             # Keeps each round's P directions (P x d floats, 3 MB here) instead of drawing them again for every
             # client, the restoration and the update: the same numbers, so the same run, at about half the CPU time.
             zo_cache_directions=True,
-            **({"zo_curvature": True} if block else {}),
+            **(curvature if block else {}),
             **(zo_overrides or {}),
         )
         fed_cb = None
@@ -267,7 +275,7 @@ def run_zo(
             # The learned block curvature theta and preconditioner H_b of each tensor at the end of the run.
             names = {id(p): n for n, p in model.named_parameters()}
             out["block_curvature"] = {
-                names[id(p)]: {"theta": float(info["theta"][b]), "hessian": float(info["hessian"][b])}
+                names[id(p)]: {k: float(info[k][b]) for k in ("theta", "gamma", "hessian") if k in info}
                 for p, b in zip(trainer.zo_optimizer.params, info["block_of"].tolist(), strict=True)
             }
         if keep_state:
@@ -716,8 +724,8 @@ def plot(results_dir: Path, report: dict[str, Any], docs_dir: Path, prefix: str)
 
 
 def passes_per_round(run: dict) -> float:
-    """Forward passes per round, all sampled clients together (constant here: every step of a `block` run is a
-    curvature step, `2P + 1` passes per client; `P + 1` for HiSo and DeComFL)."""
+    """Forward passes per round, all sampled clients together, averaged over the run (`2P + 1` per client on a
+    curvature step, `P + 1` otherwise and for HiSo and DeComFL)."""
     return run["forward_passes"] / max(run["history"][-1]["round"], 1)
 
 
@@ -730,16 +738,18 @@ def curve_at_budget(run_curves: list[dict], budget: float) -> float | None:
 
 
 def summarize_curvature(results_dir: Path) -> dict[str, Any]:
-    """For each (task, federation) with `block` runs: block, HiSo and DeComFL at each one's best lr (over the seeds
-    that block has): final and tail accuracy, accuracy at equal forward passes (HiSo's and DeComFL's total), and per
-    seed and on the seed-mean curves the rounds, ledger bytes and forward passes to DeComFL's best accuracy."""
+    """For each (task, federation) with `block` runs: the curvature methods that have runs, HiSo and DeComFL at each
+    one's best lr (over the seeds that block has): final and tail accuracy, accuracy at equal forward passes (HiSo's
+    and DeComFL's total), and per seed and on the seed-mean curves the rounds, ledger bytes and forward passes to
+    DeComFL's best accuracy."""
     runs = [r for r in load_results(results_dir) if r["method"] in CURVATURE_COMPARED]
     report: dict[str, Any] = {}
     for task, fed in sorted({(r["task"], r["federation"]["name"]) for r in runs if r["method"] == "block"}):
         group = [r for r in runs if r["task"] == task and r["federation"]["name"] == fed]
         seeds = sorted({r["seed"] for r in group if r["method"] == "block"})
-        best = best_lrs(group, seeds, CURVATURE_COMPARED)
-        if set(best) != set(CURVATURE_COMPARED):
+        compared = tuple(m for m in CURVATURE_COMPARED if any(r["method"] == m for r in group))
+        best = best_lrs(group, seeds, compared)
+        if set(best) != set(compared) or not {"decomfl", "hiso"} <= set(best):
             continue
         at_best = {m: {r["seed"]: r for r in group if r["method"] == m and r["lr"] == best[m][0]} for m in best}
         common = sorted(set.intersection(*(set(v) for v in at_best.values())) & set(seeds))
@@ -752,7 +762,7 @@ def summarize_curvature(results_dir: Path) -> dict[str, Any]:
         budget = max(at_best["hiso"][s]["forward_passes"] for s in common)
         entry["equal_passes_budget"] = budget
         entry["methods"] = {}
-        for m in CURVATURE_COMPARED:
+        for m in compared:
             sel = [at_best[m][s] for s in common]
             entry["methods"][m] = {
                 "final_accuracy": statistics.fmean(r["final_accuracy"] for r in sel),
@@ -767,7 +777,7 @@ def summarize_curvature(results_dir: Path) -> dict[str, Any]:
             dec = at_best["decomfl"][s]
             target = max(h["accuracy"] for h in dec["history"])
             row: dict[str, Any] = {"seed": s, "target": target}
-            for m in CURVATURE_COMPARED:
+            for m in compared:
                 reach = first_reach(at_best[m][s], target)
                 row[m] = (
                     None
@@ -781,7 +791,7 @@ def summarize_curvature(results_dir: Path) -> dict[str, Any]:
             per_seed.append(row)
         entry["to_decomfl_best"] = per_seed
         # The same on the seed-mean curves (less sensitive to one lucky evaluation).
-        curves = {m: mean_curve([at_best[m][s] for s in common]) for m in CURVATURE_COMPARED}
+        curves = {m: mean_curve([at_best[m][s] for s in common]) for m in compared}
         target = max(curves["decomfl"][1])
         mean_rows: dict[str, Any] = {"target": target}
         for m, (rounds, acc) in curves.items():
@@ -798,12 +808,15 @@ def summarize_curvature(results_dir: Path) -> dict[str, Any]:
                 "best": max(acc),
             }
         entry["mean_curve"] = mean_rows
-        block_state = [at_best["block"][s].get("block_curvature") for s in common]
-        if all(block_state):
-            # Per tensor, the seeds' values at the end of the run (their spread is part of the result).
-            entry["block_curvature"] = {
-                name: {k: [b[name][k] for b in block_state] for k in ("theta", "hessian")} for name in block_state[0]
-            }
+        entry["block_curvature"] = {}
+        for m in compared:
+            block_state = [at_best[m][s].get("block_curvature") for s in common]
+            if m in CURVATURE_METHODS and all(block_state):
+                # Per tensor, the seeds' values at the end of the run (their spread is part of the result).
+                entry["block_curvature"][m] = {
+                    name: {k: [b[name][k] for b in block_state] for k in state}
+                    for name, state in block_state[0].items()
+                }
         report[f"{task}/{fed}"] = entry
     return report
 
@@ -838,18 +851,18 @@ def print_curvature_report(report: dict[str, Any]) -> None:
             )
         print(f"DeComFL's best on the seed-mean curve: {mc['target']:.4f}; per seed (target = DeComFL's best):")
         for row in e["to_decomfl_best"]:
-            cells = "; ".join(f"{LABELS[m]}: {reach(row[m])}" for m in CURVATURE_COMPARED)
+            cells = "; ".join(f"{LABELS[m]}: {reach(row[m])}" for m in e["methods"])
             print(f"  seed {row['seed']}: target {row['target']:.4f}; {cells}")
-        if "block_curvature" in e:
-            print("block curvature learned by the end of the run, per seed:")
-            for n, v in e["block_curvature"].items():
-                theta = ", ".join(f"{t:.3g}" for t in v["theta"])
-                hess = ", ".join(f"{h:.3g}" for h in v["hessian"])
-                print(f"  {n:18s} theta ({theta}); H_b ({hess})")
+        for m, state in e.get("block_curvature", {}).items():
+            print(f"{LABELS[m]}: block state learned by the end of the run, per seed:")
+            for n, v in state.items():
+                cells = "; ".join(f"{k} ({', '.join(f'{x:.3g}' for x in xs)})" for k, xs in v.items())
+                print(f"  {n:18s} {cells}")
 
 
 def plot_curvature(results_dir: Path, report: dict[str, Any], docs_dir: Path) -> list[Path]:
-    """Accuracy against rounds and against forward passes: DeComFL, HiSo and block at their best lrs."""
+    """Accuracy against rounds and against forward passes: DeComFL, HiSo and the curvature methods at their best
+    lrs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -860,7 +873,7 @@ def plot_curvature(results_dir: Path, report: dict[str, Any], docs_dir: Path) ->
     for key, e in report.items():
         task, fed = key.split("/")
         fig, (ax_r, ax_p) = plt.subplots(1, 2, figsize=(11, 4))
-        for m in CURVATURE_COMPARED:
+        for m in e["methods"]:
             lr = e["best_lr"][m]
             sel = select_runs(runs, task, fed, m, lr, seeds=e["seeds"])
             rounds, acc = mean_curve(sel)
@@ -874,7 +887,7 @@ def plot_curvature(results_dir: Path, report: dict[str, Any], docs_dir: Path) ->
             ax.set_ylabel("validation accuracy (seed mean)")
         ax_r.set_xlabel("communication rounds")
         ax_p.set_xlabel("forward passes (all sampled clients)")
-        fig.suptitle(f"{task}, federation '{fed}': block curvature vs HiSo vs DeComFL, best lr each")
+        fig.suptitle(f"{task}, federation '{fed}': curvature extension vs HiSo vs DeComFL, best lr each")
         paths.append(save_figure(fig, docs_dir / f"curvature_convergence_{task}_{fed}.png"))
     return paths
 

@@ -16,7 +16,11 @@ Methods:
 * `block`: `curvature=True` (learned block curvature, one block per tensor), central differences (2P + 1 = 11);
 * `block4`: the same with `curvature_every=4` (a quarter of the steps central, 7.25 passes / step on average);
 * `snr`: `block` with `curvature_target="snr"` (H_b proportional to theta_b / gamma_b, gamma_b the mean squared
-  gradient per entry learned from the squared slopes: long directions where the signal per unit curvature is large).
+  gradient per entry learned from the squared slopes: long directions where the signal per unit curvature is large);
+* `snr4`: `snr` with `curvature_every=4` (forward differences and no new estimate on three steps in four).
+
+`--warmup N` raises the lr linearly from lr / N to lr over the first N steps (what `warmup_steps` does in a Trainer):
+it lets a large lr wait until `H` has formed (plain directions for the first `2B` curvature rows).
 
     python benchmarks/curvature_lora.py --method block --lr 0.1 --steps 300 \\
         --out benchmarks/results/curvature_lora/block_lr0.1.json
@@ -44,7 +48,7 @@ import torch  # noqa: E402
 
 from hf_hiso import HiSoOptimizer  # noqa: E402
 
-METHODS = ("plain", "hiso", "fixed", "head", "block", "block4", "snr")
+METHODS = ("plain", "hiso", "fixed", "head", "block", "block4", "snr", "snr4")
 
 
 class FixedPreconditionerOptimizer(HiSoOptimizer):
@@ -99,9 +103,10 @@ def make_optimizer(method: str, model, lr: float, seed: int, floor: float | None
         opt._scales = None
         return opt
     extra = {} if floor is None else {"curvature_floor": floor}
-    if method == "snr":
+    if method in ("snr", "snr4"):
         extra["curvature_target"] = "snr"
-    return HiSoOptimizer(params, curvature=True, curvature_every=4 if method == "block4" else 1, **common, **extra)
+    every = 4 if method in ("block4", "snr4") else 1
+    return HiSoOptimizer(params, curvature=True, curvature_every=every, **common, **extra)
 
 
 @torch.no_grad()
@@ -135,6 +140,12 @@ def score(record: dict) -> float:
     return sum(e["accuracy"] for e in record["evals"][-2:]) / len(record["evals"][-2:])
 
 
+def lr_label(record: dict) -> str:
+    """`0.1`, or `0.1w30` for a run with a 30-step warm-up."""
+    warmup = record.get("warmup", 0)
+    return f"{record['lr']:g}" + (f"w{warmup}" if warmup else "")
+
+
 def accuracy_within(record: dict, key: str, budget: float) -> float | None:
     """Accuracy at the last evaluation with `key` (steps or passes) within `budget`."""
     within = [e["accuracy"] for e in record["evals"] if e[key] <= budget]
@@ -154,7 +165,7 @@ def report(results_dir: Path) -> dict:
         if not runs:
             continue
         best[method] = max(runs, key=score)
-        cells = "  ".join(f"{r['lr']:g}:{score(r):.3f}{'*' if r is best[method] else ''}" for r in runs)
+        cells = "  ".join(f"{lr_label(r)}:{score(r):.3f}{'*' if r is best[method] else ''}" for r in runs)
         print(f"  {method:7s} {cells}")
     if not best:
         return {}
@@ -186,14 +197,14 @@ def report(results_dir: Path) -> dict:
         }
         cells = " | ".join("-" if a is None else f"{a:.3f}" for a in at_steps)
         print(
-            f"| {method} | {r['lr']:g} | {r['trainable']} | {per_step:.2f} | {cells} | "
+            f"| {method} | {lr_label(r)} | {r['trainable']} | {per_step:.2f} | {cells} | "
             f"{'-' if at_budget is None else f'{at_budget:.3f}'} | {reach} |"
         )
     for method, r in best.items():
         curv = table[method]["final_curvature"]
         if curv:
             print(
-                f"{method} lr {r['lr']:g}, end of run: " + ", ".join(f"{k} {v:.3g}" for k, v in sorted(curv.items()))
+                f"{method} lr {lr_label(r)}, end of run: " + ", ".join(f"{k} {v:.3g}" for k, v in sorted(curv.items()))
             )
     return table
 
@@ -209,6 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-length", type=int, default=32)
     parser.add_argument("--val-size", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warmup", type=int, default=0, help="linear lr warm-up over this many steps")
     parser.add_argument("--floor", type=float, default=None, help="curvature_floor (default: the library's)")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the run's record")
     parser.add_argument(
@@ -234,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     gen = torch.Generator().manual_seed(args.seed)
     n_train = train["labels"].shape[0]
-    record = {"method": args.method, "lr": args.lr, "trainable": d, "evals": []}
+    record = {"method": args.method, "lr": args.lr, "warmup": args.warmup, "trainable": d, "evals": []}
     if est is not None:
         record["curvature"] = {"floor": est.floor, "spread": est.spread, "every": est.every, "forget": est.forget}
     passes, losses, t0 = 0, [], time.time()
@@ -251,6 +263,9 @@ def main(argv: list[str] | None = None) -> dict:
     for step in range(1, args.steps + 1):
         idx = torch.randint(0, n_train, (args.batch_size,), generator=gen)
         batch = {k: v[idx] for k, v in train.items()}
+        if args.warmup:
+            for group in opt.param_groups:
+                group["lr"] = args.lr * min(1.0, step / args.warmup)
         loss = opt.step(lambda batch=batch: model(**batch).loss)
         passes += opt.last_forward_passes
         losses.append(float(loss))

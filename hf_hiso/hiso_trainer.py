@@ -72,7 +72,6 @@ class HiSoTrainer(Trainer):
         # Set by a FederatedZOCallback: runs a whole federated round in place of the centralized step.
         self.zo_round_runner: Callable[[HiSoTrainer, nn.Module, dict], torch.Tensor] | None = None
         self._zo_log_sums = {"steps": 0, "scalar_abs": 0.0, "scalar_sq": 0.0, "count": 0}
-        self.zo_forward_passes = 0
         self._zo_model_uses_num_items: bool | None = None
         # Extra `fed/*`-style metrics merged into every training log (a federated callback registers one).
         self.zo_log_providers: list[Callable[[], dict[str, float]]] = []
@@ -262,6 +261,17 @@ class HiSoTrainer(Trainer):
             return opt.last_forward_passes
         p = self.zo_args.zo_num_directions
         return p + 1 if self.zo_args.zo_difference == "forward" else 2 * p + 1
+
+    @property
+    def zo_forward_passes(self) -> int:
+        """Loss evaluations spent on training so far (all clients in a federated run), kept in the optimizer's state
+        so that it is checkpointed and continues after a resume."""
+        opt = unwrap_optimizer(self.optimizer)
+        return 0 if opt is None else opt.state["hiso"].get("forward_passes", 0)
+
+    @zo_forward_passes.setter
+    def zo_forward_passes(self, value: int) -> None:
+        self.zo_optimizer.state["hiso"]["forward_passes"] = int(value)
 
     def zo_record(self, slopes: torch.Tensor, forward_passes: int) -> None:
         sums = self._zo_log_sums

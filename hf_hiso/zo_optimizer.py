@@ -171,7 +171,8 @@ class HiSoOptimizer(torch.optim.Optimizer):
         # Hook for data parallelism: maps the stacked pending scalars to their mean over processes.
         self.scalar_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._scales: list[torch.Tensor] | None = None
-        self.state["hiso"] = {"step": 0, "seed": int(seed), "skipped_steps": 0}
+        # `forward_passes` is the trainer's count of loss evaluations (kept here so that checkpoints hold it).
+        self.state["hiso"] = {"step": 0, "seed": int(seed), "skipped_steps": 0, "forward_passes": 0}
         self.last_loss: float | None = None
         self.last_slopes: torch.Tensor | None = None
         # Loss evaluations of the last `measure` (P + 1 or 2P + 1; varies by step with the curvature extension).

@@ -230,6 +230,7 @@ def test_resume_mid_run_equals_uninterrupted(tmp_path):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=1e-6)
     assert resumed_cb.ledger.summary() == full_cb.ledger.summary()
     assert resumed_cb.server.last_sync == full_cb.server.last_sync
+    assert resumed.zo_forward_passes == full.zo_forward_passes > 0
 
 
 @pytest.mark.parametrize(

@@ -99,6 +99,8 @@ def test_resume_from_checkpoint_matches_uninterrupted(tmp_path):
     for a, b in zip(full.zo_optimizer.hessian(), resumed.zo_optimizer.hessian(), strict=True):
         torch.testing.assert_close(a, b)
     assert resumed.zo_optimizer.global_step == 6
+    # The forward-pass count is checkpointed with the optimizer: it goes on from the checkpoint's 3 x (P + 1).
+    assert resumed.zo_forward_passes == full.zo_forward_passes == 6 * (full.zo_optimizer.num_directions + 1)
 
 
 def test_frozen_parameters_stay_put(tmp_path):
