@@ -129,8 +129,9 @@ def block_summary(model, opt: HiSoOptimizer) -> dict[str, float]:
     for name, b in zip(names, info["block_of"].tolist(), strict=True):
         kind = "lora_A" if "lora_A" in name else "lora_B" if "lora_B" in name else "head"
         out.setdefault(f"theta_{kind}", []).append(float(info["theta"][b]))
-        if "gamma" in info:
-            out.setdefault(f"gamma_{kind}", []).append(float(info["gamma"][b]))
+        for key in ("gamma", "gamma_bound"):
+            if key in info:
+                out.setdefault(f"{key}_{kind}", []).append(float(info[key][b]))
         out.setdefault(f"H_{kind}", []).append(float(info["hessian"][b]))
     return {k: sum(v) / len(v) for k, v in out.items()}
 

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Session 3: snr with warm-up / every 4, seed 0.
+# Session 3: snr (with the lower confidence bound on gamma) with warm-up / every 4, seed 0.
 cd /work/main
 D=benchmarks/results/curvature_lora_s3
 run() { # method lr warmup seed
@@ -8,8 +8,5 @@ run() { # method lr warmup seed
   echo "=== $name $(date +%T)" >> $D/runs.log
   OMP_NUM_THREADS=1 .venv/bin/python benchmarks/curvature_lora.py --method $1 --lr $2 --warmup $3 --seed $4 --steps 300 --out $D/$name.json >> $D/runs.log 2>&1
 }
-run snr 0.1 30 0
-run snr4 0.1 60 0
-run snr4 0.03 0 0
-run snr 0.05 30 0
+for spec in "$@"; do run $spec; done
 echo "=== done $(date +%T)" >> $D/runs.log
