@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -88,7 +89,15 @@ def trainable_model(model, method: str):
     return get_peft_model(model, LoraConfig(r=8, target_modules=["query", "value"], task_type="SEQ_CLS")).eval()
 
 
-def make_optimizer(method: str, model, lr: float, seed: int, floor: float | None = None) -> HiSoOptimizer:
+def role_blocks(names: list[str]) -> list[str]:
+    """One block per role: tensors whose names agree once the layer numbers are dropped share a block (the 6 layers'
+    query LoRA A matrices are one block), so LoRA + head has 6 blocks instead of 26."""
+    return [re.sub(r"\.\d+\.", ".", n) for n in names]
+
+
+def make_optimizer(
+    method: str, model, lr: float, seed: int, floor: float | None = None, blocks: str = "tensor"
+) -> HiSoOptimizer:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     common = {"lr": lr, "zo_eps": 1e-3, "num_directions": 5, "seed": seed}
@@ -106,6 +115,8 @@ def make_optimizer(method: str, model, lr: float, seed: int, floor: float | None
     if method in ("snr", "snr4"):
         extra["curvature_target"] = "snr"
     every = 4 if method in ("block4", "snr4") else 1
+    if blocks == "role":
+        extra["curvature_blocks"] = role_blocks([n for n, _ in named])
     return HiSoOptimizer(params, curvature=True, curvature_every=every, **common, **extra)
 
 
@@ -120,7 +131,7 @@ def accuracy(model, val, batch_size: int = 250) -> float:
 
 
 def block_summary(model, opt: HiSoOptimizer) -> dict[str, float]:
-    """Mean learned curvature theta and preconditioner H over the LoRA A, LoRA B and head tensors."""
+    """Mean learned curvature theta and preconditioner H over the LoRA A, LoRA B, head weight and head bias tensors."""
     info = opt.block_hessian()
     if info is None:
         return {}
@@ -128,10 +139,10 @@ def block_summary(model, opt: HiSoOptimizer) -> dict[str, float]:
     out: dict[str, list[float]] = {}
     for name, b in zip(names, info["block_of"].tolist(), strict=True):
         kind = "lora_A" if "lora_A" in name else "lora_B" if "lora_B" in name else "head"
+        kind += "_bias" if kind == "head" and name.endswith("bias") else ""
         out.setdefault(f"theta_{kind}", []).append(float(info["theta"][b]))
-        for key in ("gamma", "gamma_bound"):
-            if key in info:
-                out.setdefault(f"{key}_{kind}", []).append(float(info[key][b]))
+        if "gamma" in info:
+            out.setdefault(f"gamma_{kind}", []).append(float(info["gamma"][b]))
         out.setdefault(f"H_{kind}", []).append(float(info["hessian"][b]))
     return {k: sum(v) / len(v) for k, v in out.items()}
 
@@ -142,9 +153,10 @@ def score(record: dict) -> float:
 
 
 def lr_label(record: dict) -> str:
-    """`0.1`, or `0.1w30` for a run with a 30-step warm-up."""
+    """`0.1`, `0.1w30` for a run with a 30-step warm-up, `0.1w30/role` with role blocks."""
     warmup = record.get("warmup", 0)
-    return f"{record['lr']:g}" + (f"w{warmup}" if warmup else "")
+    role = record.get("blocks") == "role"
+    return f"{record['lr']:g}" + (f"w{warmup}" if warmup else "") + ("/role" if role else "")
 
 
 def accuracy_within(record: dict, key: str, budget: float) -> float | None:
@@ -222,6 +234,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--val-size", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warmup", type=int, default=0, help="linear lr warm-up over this many steps")
+    parser.add_argument(
+        "--blocks", choices=("tensor", "role"), default="tensor", help="curvature blocks: per tensor, or per role"
+    )
     parser.add_argument("--floor", type=float, default=None, help="curvature_floor (default: the library's)")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the run's record")
     parser.add_argument(
@@ -236,10 +251,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     model, train, val = load(args.max_length, args.val_size, args.seed)
     model = trainable_model(model, args.method)
-    opt = make_optimizer(args.method, model, args.lr, args.seed, args.floor)
+    opt = make_optimizer(args.method, model, args.lr, args.seed, args.floor, args.blocks)
     d = sum(p.numel() for p in opt.params)
     est = opt.curvature
-    settings = "" if est is None else f", curvature floor {est.floor:g} spread {est.spread:g} every {est.every}"
+    settings = (
+        ""
+        if est is None
+        else f", {est.num_blocks} curvature blocks, floor {est.floor:g} spread {est.spread:g} every {est.every}"
+    )
     print(
         f"# {args.method} lr {args.lr:g}: {d} trainable entries in {len(opt.params)} tensors, "
         f"{torch.get_num_threads()} threads{settings}",
@@ -248,6 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
     gen = torch.Generator().manual_seed(args.seed)
     n_train = train["labels"].shape[0]
     record = {"method": args.method, "lr": args.lr, "warmup": args.warmup, "trainable": d, "evals": []}
+    record["blocks"] = args.blocks
     if est is not None:
         record["curvature"] = {"floor": est.floor, "spread": est.spread, "every": est.every, "forget": est.forget}
     passes, losses, t0 = 0, [], time.time()

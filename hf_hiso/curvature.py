@@ -42,21 +42,17 @@ With `target="snr"` (opt-in) `H` follows the gradient signal per unit curvature 
 `E[g_p**2 | z_p] = sum_b gamma_b x_{p,b}` (`gamma_b = ||grad_b||**2 / n_b`, cross terms of mean zero), so a second
 moment `r_g <- lambda r_g + sum_p x_p gbar_p**2` solved with the same `R` and shrinkage gives `gamma`. ZO-SGD's
 expected decrease at its best lr is `G / 2T` with `G = sum_b n_b gamma_b / H_b` and `T = sum_b n_b theta_b / H_b`, so
-blocks with a large `gamma_b / theta_b` deserve long directions. `gamma` enters through a lower confidence bound,
-`gamma_b^- = gamma_b - SNR_CONFIDENCE * se_b` (`se_b` the fit's standard error, from the residual variance of the
-squared slopes, which needs one more discounted sum, of `gbar_p**4`): a block whose gradient energy the data cannot
-tell from zero (a LoRA block at its `B = 0` start holds about 0.2 % of the gradient energy of LoRA + head) gets the
-floor, so its directions stay short until its signal shows, instead of following the sign of its noise:
+blocks with a large `gamma_b / theta_b` deserve long directions:
 
-    w_b = (gamma_b^-)^+ / max(theta_b^+, floor * m),   H_b ~ 1 / max(w_b, floor * mean_n(w)),
+    w_b = gamma_b^+ / max(theta_b^+, floor * m),   H_b ~ 1 / max(w_b, floor * mean_n(w)),
 
 scaled so that `T` (with `theta` floored as above) equals its value for plain directions, which keeps the stable
 learning rate of plain directions (mean 1 over entries would let `T` grow by up to `1 / floor`), with the same trust
 region. The second moment is kept with either target (it is cheap and lets one resume with the other).
 
-`R`, `r`, `r_g`, `theta`, `gamma`, its bound and `H` (a `B x B` matrix, six `B`-vectors and two scalars) are built from
-seeds and averaged scalars only, in float64 and in a fixed order, so every replica holds the same state without it
-being sent. They live in `optimizer.state["curvature"]` and are checkpointed with the optimizer.
+`R`, `r`, `r_g`, `theta`, `gamma` and `H` (a `B x B` matrix and five `B`-vectors) are built from seeds and averaged
+scalars only, in float64 and in a fixed order, so every replica holds the same state without it being sent. They live
+in `optimizer.state["curvature"]` and are checkpointed with the optimizer.
 """
 
 from __future__ import annotations
@@ -78,9 +74,6 @@ BLOCKINGS = ("tensor", "group")
 TARGETS = ("curvature", "snr")
 # Largest factor by which a block's H may change in one curvature step.
 MAX_STEP = 2.0
-# `target="snr"` uses `gamma_b` minus this many standard errors (a lower confidence bound): a block whose gradient
-# energy the regression cannot tell from zero gets the floor, i.e. short directions, until the data show its signal.
-SNR_CONFIDENCE = 2.0
 
 
 def check_curvature_settings(
@@ -192,11 +185,10 @@ class BlockCurvature:
     # ---- state ----------------------------------------------------------------------------------------------------
 
     def init_state(self) -> dict[str, Any]:
-        """`gram` (`R`, `B x B`), `moment` (`r`), `moment_grad` (`r_g`, the moment of the squared slopes),
-        `square_grad` (the discounted sum of the slopes' fourth powers, for the residual variance of the `gamma` fit),
-        `theta`, `gamma` and `gamma_bound` (its lower confidence bound; NaN until the first estimate), `hessian`
-        (`H_b`, ones), `weight` (`N`, discounted rows), `rows` (rows used), `updates` (curvature steps used) and
-        `skipped_rows` (non-finite `c`)."""
+        """`gram` (`R`, `B x B`), `moment` (`r`), `moment_grad` (`r_g`, the moment of the squared slopes), `theta` and
+        `gamma` (NaN until the first estimate), `hessian` (`H_b`, ones),
+        `weight` (`N`, discounted rows), `rows` (rows used), `updates` (curvature steps used) and `skipped_rows`
+        (non-finite `c`)."""
         b = self.num_blocks
         return {
             "gram": torch.zeros(b, b, dtype=torch.float64),
@@ -204,8 +196,6 @@ class BlockCurvature:
             "moment_grad": torch.zeros(b, dtype=torch.float64),
             "theta": torch.full((b,), float("nan"), dtype=torch.float64),
             "gamma": torch.full((b,), float("nan"), dtype=torch.float64),
-            "square_grad": 0.0,
-            "gamma_bound": torch.full((b,), float("nan"), dtype=torch.float64),
             "hessian": torch.ones(b, dtype=torch.float64),
             "block_sizes": self.block_sizes.clone(),
             "weight": 0.0,
@@ -222,18 +212,15 @@ class BlockCurvature:
                 "The saved curvature state was built for other blocks (block sizes "
                 f"{state['block_sizes'].tolist()}, now {self.block_sizes.tolist()})."
             )
-        if "moment_grad" not in state or "square_grad" not in state:
+        if "moment_grad" not in state:
             if self.target == "snr":
                 raise ValueError(
-                    "The saved curvature state holds no gradient moments (`moment_grad`, `square_grad`: saved by an "
-                    'older hf_hiso): it cannot resume with `curvature_target="snr"`.'
+                    "The saved curvature state holds no gradient moment (`moment_grad`, saved before "
+                    '`curvature_target` existed): it cannot resume with `curvature_target="snr"`.'
                 )
-            # A checkpoint from before the gradient moments: the curvature target does not use them.
-            nan = torch.full((self.num_blocks,), float("nan"), dtype=torch.float64)
-            state.setdefault("moment_grad", torch.zeros(self.num_blocks, dtype=torch.float64))
-            state.setdefault("gamma", nan.clone())
-            state["square_grad"] = 0.0
-            state["gamma_bound"] = nan.clone()
+            # A checkpoint from before the gradient moment: the curvature target does not use it.
+            state["moment_grad"] = torch.zeros(self.num_blocks, dtype=torch.float64)
+            state["gamma"] = torch.full((self.num_blocks,), float("nan"), dtype=torch.float64)
 
     # ---- what every party derives from a seed ---------------------------------------------------------------------
 
@@ -300,9 +287,7 @@ class BlockCurvature:
         state["moment"] = self.forget * state["moment"] + x.T @ c
         if slopes is not None:
             # E[g_p**2 | z_p] = sum_b gamma_b x_{p,b}: the same features as for the curvature.
-            energy = slopes.double()[keep].square()
-            state["moment_grad"] = self.forget * state["moment_grad"] + x.T @ energy
-            state["square_grad"] = self.forget * state["square_grad"] + float(energy.square().sum())
+            state["moment_grad"] = self.forget * state["moment_grad"] + x.T @ slopes.double()[keep].square()
         state["weight"] = self.forget * state["weight"] + len(c)
         state["rows"] += len(c)
         state["updates"] += 1
@@ -310,12 +295,9 @@ class BlockCurvature:
         theta = self.solve(state["gram"], state["moment"], ridge)
         state["theta"] = theta
         if slopes is not None:
-            gamma = self.solve(state["gram"], state["moment_grad"], ridge)
-            state["gamma"] = gamma
-            error = self.standard_errors(state, gamma, ridge)
-            state["gamma_bound"] = gamma - SNR_CONFIDENCE * error
+            state["gamma"] = self.solve(state["gram"], state["moment_grad"], ridge)
         if self.target == "snr":
-            target = self.snr_preconditioner(theta, state["gamma_bound"])
+            target = self.snr_preconditioner(theta, state["gamma"])
         else:
             target = self.preconditioner(theta)
         if target is None:
@@ -353,20 +335,6 @@ class BlockCurvature:
         rhs = s * (moment + ridge * diag * pooled)
         return s * torch.linalg.solve(lhs, rhs)
 
-    def standard_errors(self, state: dict[str, Any], gamma: torch.Tensor, ridge: float) -> torch.Tensor:
-        """Standard errors of the `gamma` fit: `sqrt(s2 [(R + k diag R)^{-1}]_bb)` with `s2` the residual variance
-        of the squared slopes, from the discounted sums (`RSS = sum y**2 - 2 gamma^T r_g + gamma^T R gamma` over
-        `N - B` degrees of freedom). Infinite while `N <= B` (no residual left to measure the noise with)."""
-        gram, b = state["gram"], self.num_blocks
-        dof = state["weight"] - b
-        if not dof > 0.0:
-            return torch.full((b,), float("inf"), dtype=torch.float64)
-        rss = state["square_grad"] - 2.0 * float(gamma @ state["moment_grad"]) + float(gamma @ gram @ gamma)
-        diag = gram.diagonal().clamp_min(torch.finfo(torch.float64).tiny)
-        s = diag.rsqrt()
-        lhs = s[:, None] * gram * s[None, :] + ridge * torch.eye(b, dtype=torch.float64)
-        return (max(rss, 0.0) / dof * s.square() * torch.linalg.inv(lhs).diagonal()).sqrt()
-
     def preconditioner(self, theta: torch.Tensor) -> torch.Tensor | None:
         """`H_b` from `theta`: positive part, floored at `floor` times the entry-weighted mean, normalised to mean 1
         over entries, which is the scaling that keeps `sum_b n_b theta_b / H_b` (the trace that limits ZO-SGD's stable
@@ -381,8 +349,7 @@ class BlockCurvature:
         return floored / float((n * floored).sum() / n.sum())
 
     def snr_preconditioner(self, theta: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor | None:
-        """`H_b` for `target="snr"` (`gamma`: the lower confidence bound `gamma_bound`): `1 / w_b` with
-        `w_b = gamma_b^+ / max(theta_b^+, floor * m)` (`m` the
+        """`H_b` for `target="snr"`: `1 / w_b` with `w_b = gamma_b^+ / max(theta_b^+, floor * m)` (`m` the
         entry-weighted mean of `theta^+`), `w` floored at `floor` times its entry-weighted mean, scaled so that
         `sum_b n_b theta_b / H_b` is that of plain directions (see [`~BlockCurvature.normalise`]). `None` (keep the
         current `H`) when no block has positive curvature or gradient signal."""

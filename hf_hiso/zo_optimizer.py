@@ -234,15 +234,13 @@ class HiSoOptimizer(torch.optim.Optimizer):
 
     def block_hessian(self) -> dict[str, torch.Tensor] | None:
         """With `curvature=True`: copies of the learned block curvature `theta`, the mean squared gradient per entry
-        `gamma` (and its lower confidence bound `gamma_bound`) and the preconditioner `H_b` (one value per block), plus
-        the block of each tensor; `None` otherwise."""
+        `gamma` and the preconditioner `H_b` (one value per block), plus the block of each tensor; `None` otherwise."""
         if self.curvature is None:
             return None
         state = self.state["curvature"]
         return {
             "theta": state["theta"].clone(),
             "gamma": state["gamma"].clone(),
-            "gamma_bound": state["gamma_bound"].clone(),
             "hessian": state["hessian"].clone(),
             "block_of": torch.tensor(self.curvature.block_of),
         }

@@ -310,8 +310,7 @@ def test_federated_lora_replica_rebuilt_from_history_with_curvature(tmp_path, ta
     """LoRA adapter + head, two local steps per round: seeds, averaged slopes and averaged curvature scalars rebuild
     the adapter and the curvature state exactly (H has left I, so the replay depends on it); the ledger counts two
     scalars per direction."""
-    # The snr target moves H only once some block's gradient energy is significant (its lower bound above 0).
-    rounds, clients, sampled, tau, P = (4 if target == "curvature" else 8), 4, 2, 2, 3
+    rounds, clients, sampled, tau, P = 4, 4, 2, 2, 3
     kw = {"max_steps": rounds, "zo_num_directions": P, "zo_curvature": True, "per_device_train_batch_size": 4}
     kw["zo_curvature_target"] = target
     callback = FederatedZOCallback(
@@ -337,9 +336,8 @@ def test_federated_lora_replica_rebuilt_from_history_with_curvature(tmp_path, ta
     replay(replica, history)
     for a, b in zip(replica.params, opt.params, strict=True):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=1e-6)
-    for key in ("gram", "moment", "moment_grad", "theta", "gamma", "gamma_bound", "hessian"):
+    for key in ("gram", "moment", "moment_grad", "theta", "gamma", "hessian"):
         torch.testing.assert_close(replica.state["curvature"][key], trained_state[key], rtol=1e-9, atol=0)
-    assert replica.state["curvature"]["square_grad"] == pytest.approx(trained_state["square_grad"], rel=1e-12)
     assert callback.ledger.scalars_per_direction == 2
     assert callback.ledger.bytes_uplink_total == rounds * sampled * tau * P * 2 * 4
 
@@ -456,35 +454,6 @@ def test_gamma_is_recovered_from_exact_squared_slopes():
     assert torch.equal(state["moment_grad"], torch.zeros(2, dtype=torch.float64))
     with pytest.raises(ValueError, match="snr"):
         BlockCurvature([0, 1], [10, 10], target="snr").update(est.init_state(), x, x @ theta[:2])
-
-
-def test_snr_target_bounds_gamma_from_below_by_its_standard_error():
-    """Noisy squared slopes (`g = sqrt(x gamma) * N(0, 1)`, as a direction's slope is): the fit's standard errors
-    cover the truth, shrink with more rows, and the snr target uses `gamma - 2 se`, so the block with no gradient
-    (gamma 0) gets the floor (the largest H) instead of following the sign of its noise."""
-    theta = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
-    gamma = torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64)
-    est = BlockCurvature([0, 1, 2], [10, 10, 10], target="snr", forget=1.0, prior=1e-6)
-    g = torch.Generator().manual_seed(0)
-    state, errors = est.init_state(), {}
-    for step in range(1, 401):
-        x = 10 * torch.rand(3, 3, generator=g, dtype=torch.float64)
-        slopes = (x @ gamma).sqrt() * torch.randn(3, generator=g, dtype=torch.float64)
-        est.update(state, x, x @ theta, slopes)
-        if step in (100, 400):
-            errors[step] = est.standard_errors(state, state["gamma"], 0.0)
-    assert bool((errors[400] < errors[100]).all())
-    assert bool(((state["gamma"] - gamma).abs() < 3 * errors[400]).all())
-    torch.testing.assert_close(state["gamma_bound"], state["gamma"] - 2 * errors[400], rtol=1e-3, atol=0)
-    assert state["gamma_bound"][1] < 0 < min(state["gamma_bound"][0], state["gamma_bound"][2])
-    # here the point estimate of the empty block is positive noise (0.17, 1.7 se): it would get long directions
-    assert state["gamma"][1] > 0
-    assert int(state["hessian"].argmax()) == 1 and int(state["hessian"].argmin()) == 0
-    # no residual degrees of freedom yet: infinite errors, so nothing is significant and H stays I
-    early = est.init_state()
-    est.update(early, x[:2], x[:2] @ theta, slopes[:2])
-    assert bool((early["gamma_bound"] == float("-inf")).all())
-    assert torch.equal(early["hessian"], torch.ones(3, dtype=torch.float64))
 
 
 def test_snr_target_gives_long_directions_to_the_most_signal_per_curvature():
