@@ -415,7 +415,13 @@ class FederatedZOCallback(TrainerCallback):
             for k, seed in enumerate(plan.seeds):
                 opt.accumulate(seed, slopes[k], None if curvatures is None else curvatures[k])
         self.server.commit_round(plan, slopes, [g["lr"] for g in opt.param_groups], curvatures)
-        self.ledger.record_round(plan.round_idx, sorted(reports), missed, dropped=dropped)
+        # With `curvature_every > 1` only the curvature steps carry the curvature scalar.
+        measured_steps = None
+        if opt.curvature is not None:
+            measured_steps = sum(opt.curvature.is_curvature_step(seed) for seed in plan.seeds)
+        self.ledger.record_round(
+            plan.round_idx, sorted(reports), missed, dropped=dropped, curvature_steps=measured_steps
+        )
         kept = [losses[c] for c in result.accepted]
         loss = torch.stack(kept).mean() if kept else torch.tensor(float("nan"))
         return loss.detach().to(trainer.args.device)

@@ -342,6 +342,22 @@ def test_federated_lora_replica_rebuilt_from_history_with_curvature(tmp_path, ta
     assert callback.ledger.bytes_uplink_total == rounds * sampled * tau * P * 2 * 4
 
 
+def test_federated_ledger_counts_curvature_scalars_on_curvature_steps_only(tmp_path):
+    """`zo_curvature_every=2`, two local steps: each round's uplink is `P * (tau + k)` scalars per reporting client,
+    `k` the round's curvature steps, which every party derives from the seeds."""
+    rounds, tau, P = 6, 2, 3
+    kw = {"max_steps": rounds, "zo_num_directions": P, "zo_curvature": True, "zo_curvature_every": 2}
+    callback = FederatedZOCallback(num_clients=3, clients_per_round=2, local_steps=tau, history_retention="all")
+    trainer = HiSoTrainer(
+        model=tiny_bert(), args=hiso_args(tmp_path, **kw), train_dataset=toy_dataset(32), callbacks=[callback]
+    )
+    trainer.train()
+    est = trainer.zo_optimizer.curvature
+    steps = [sum(est.is_curvature_step(s) for s in callback.server.history[r].seeds) for r in range(rounds)]
+    assert 0 < sum(steps) < rounds * tau  # some steps measure curvature, some do not
+    assert callback.ledger.bytes_uplink_total == sum(2 * P * (tau + k) * 4 for k in steps)
+
+
 @pytest.mark.parametrize("target", ["curvature", "snr"])
 def test_protocol_with_every_k_replays_exactly(target):
     """The protocol by hand (no Trainer): forward differences with `curvature_every=2`, two local steps, clients

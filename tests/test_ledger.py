@@ -70,6 +70,30 @@ def test_catchup_with_two_scalars_per_direction():
     assert cost.paper_bytes == 3 * 2 * tau * P * 2 * 4
 
 
+def test_curvature_steps_count_the_second_scalar_only_where_it_is_sent():
+    """With `curvature_every > 1` a round carries `P * (tau + k)` scalars for `k` curvature steps (S = 2): on the
+    uplink, in the paper's convention, and in the catch-up of a client that missed it, also after a resume."""
+    P, tau, b = 5, 2, 4
+    ledger = CommunicationLedger(num_trainable_params=10, num_directions=P, local_steps=tau, scalars_per_direction=2)
+    assert ledger.scalars_in_round(None) == ledger.scalars_in_round(tau) == tau * P * 2
+    r0 = ledger.record_round(0, [0], curvature_steps=1)
+    assert r0.bytes_uplink == P * (tau + 1) * b and r0.paper_bytes == 2 * P * (tau + 1) * 4
+    r1 = ledger.record_round(1, [0], curvature_steps=0)
+    assert r1.bytes_uplink == P * tau * b
+    resumed = CommunicationLedger.from_state_dict(json.loads(json.dumps(ledger.state_dict())))
+    for led in (ledger, resumed):
+        # client 1 missed rounds 0 and 1 (one and no curvature step), client 0 none; round 2 has both.
+        cost = led.record_round(2, [0, 1], {1: 2}, curvature_steps=tau)
+        assert cost.bytes_catchup == 2 * tau * 8 + (P * (tau + 1) + P * tau) * b
+        assert cost.bytes_uplink == 2 * tau * P * 2 * b
+    assert resumed.summary() == ledger.summary()
+    # missing rounds 0 to 2: round 2 had curvature on every step, so its catch-up carries the full S
+    cost = ledger.record_round(3, [1], {1: 3}, curvature_steps=0)
+    assert cost.bytes_catchup == 3 * tau * 8 + (P * tau + P * (tau + 1) + tau * P * 2) * b
+    with pytest.raises(ValueError, match="curvature_steps"):
+        ledger.record_round(4, [0], curvature_steps=tau + 1)
+
+
 def test_custom_wire_format():
     wire = WireFormat(bytes_per_scalar=2, bytes_per_seed=4, bytes_per_param=2)
     ledger = CommunicationLedger(num_trainable_params=100, num_directions=4, local_steps=2, wire=wire)

@@ -12,6 +12,11 @@ The downlink is the round's seeds plus, for each missed round, that round's seed
 missed round rebuilds `x` from the averaged slopes alone, but with `S = 2` the replicas' curvature state is also
 driven by the averaged curvature scalars, so those travel too: catch-up scalars are multiplied by `S` as well.
 
+With `zo_curvature_every > 1` only the curvature steps carry the second scalar (every party knows from the seed
+which steps those are): a round with `k` curvature steps among its `tau` counts `P * (tau + (S - 1) * k)` scalars
+instead of `tau * P * S`, on the uplink, in the paper's convention and in the catch-up of every client that missed
+it (`record_round(..., curvature_steps=k)`; the ledger keeps the count of each such round for those catch-ups).
+
 A client that is sampled but drops out (`dropped`) has received its downlink and uploads nothing.
 
 Two comparison figures are kept for the same rounds:
@@ -122,6 +127,9 @@ class CommunicationLedger:
     wire: WireFormat = field(default_factory=WireFormat)
     scalars_per_direction: int = 1
 
+    # Per-client scalars of the rounds recorded with fewer than `tau` curvature steps (round -> count), for the
+    # catch-up downlinks of the clients that missed them; other rounds count `scalars_per_round`.
+    round_scalars: dict[int, int] = field(default_factory=dict, init=False)
     rounds: int = field(default=0, init=False)
     clients_sampled: int = field(default=0, init=False)
     clients_reported: int = field(default=0, init=False)
@@ -146,6 +154,13 @@ class CommunicationLedger:
     def scalars_per_round(self) -> int:
         """`tau * P * S`: scalars one client uploads per round (and the averaged scalars of one round)."""
         return self.local_steps * self.num_directions * self.scalars_per_direction
+
+    def scalars_in_round(self, curvature_steps: int | None = None) -> int:
+        """`P * (tau + (S - 1) * k)` with `k` curvature steps among the round's `tau` (`None`: all of them, which is
+        `scalars_per_round`)."""
+        if curvature_steps is None:
+            return self.scalars_per_round
+        return self.num_directions * (self.local_steps + (self.scalars_per_direction - 1) * curvature_steps)
 
     @property
     def uplink_bytes_per_client(self) -> int:
@@ -195,6 +210,7 @@ class CommunicationLedger:
         missed_rounds: Mapping[Hashable, int] | None = None,
         *,
         dropped: Sequence[Hashable] = (),
+        curvature_steps: int | None = None,
     ) -> RoundCost:
         """Adds one round to the ledger.
 
@@ -206,6 +222,8 @@ class CommunicationLedger:
                 it was last synchronised). Clients absent from it missed none; entries of clients not sampled in
                 this round are ignored, so the caller may pass its state for all clients.
             dropped: sampled clients that received the downlink but did not upload.
+            curvature_steps: with `S > 1`, how many of the round's `tau` local steps carry all `S` scalars per
+                direction (the curvature extension's curvature steps; the others carry one). `None`: all of them.
 
         Returns:
             [`RoundCost`]: this round's figures (also kept as `last_round`).
@@ -222,6 +240,13 @@ class CommunicationLedger:
         overlap = set(participants) & set(dropped)
         if overlap:
             raise ValueError(f"Clients {sorted(overlap, key=repr)} are in both `participants` and `dropped`.")
+        if curvature_steps is not None and (
+            not _is_int(curvature_steps) or not 0 <= curvature_steps <= self.local_steps
+        ):
+            raise ValueError(
+                f"`curvature_steps` must be an integer in [0, local_steps={self.local_steps}], "
+                f"got {curvature_steps!r}."
+            )
         missed_rounds = dict(missed_rounds or {})
         for client, missed in missed_rounds.items():
             if not _is_int(missed) or missed < 0:
@@ -229,19 +254,21 @@ class CommunicationLedger:
 
         sampled = participants + dropped
         num_sampled, num_reported = len(sampled), len(participants)
-        total_missed = sum(missed_rounds.get(client, 0) for client in sampled)
-        bytes_catchup = total_missed * self.catchup_bytes_per_missed_round
+        scalars = self.scalars_in_round(curvature_steps)
+        bytes_catchup = sum(self._catchup_bytes(round_idx, missed_rounds.get(client, 0)) for client in sampled)
         cost = RoundCost(
             round_idx=int(round_idx),
             num_sampled=num_sampled,
             num_reported=num_reported,
-            bytes_uplink=num_reported * self.uplink_bytes_per_client,
+            bytes_uplink=num_reported * scalars * self.wire.bytes_per_scalar,
             bytes_downlink=num_sampled * self.seed_bytes_per_round + bytes_catchup,
             bytes_catchup=bytes_catchup,
             # Per direction of travel, so a dropped client counts FedAvg's download but not its upload.
             fedavg_bytes=(num_sampled + num_reported) * self.num_trainable_params * self.wire.bytes_per_param,
-            paper_bytes=(num_sampled + num_reported) * self.scalars_per_round * PAPER_BYTES_PER_SCALAR,
+            paper_bytes=(num_sampled + num_reported) * scalars * PAPER_BYTES_PER_SCALAR,
         )
+        if scalars != self.scalars_per_round:
+            self.round_scalars[int(round_idx)] = scalars
 
         self.rounds += 1
         self.clients_sampled += num_sampled
@@ -253,6 +280,17 @@ class CommunicationLedger:
         self.paper_bytes_total += cost.paper_bytes
         self.last_round = cost
         return cost
+
+    def _catchup_bytes(self, round_idx: int, missed: int) -> int:
+        """Bytes of replaying the `missed` rounds just before `round_idx`."""
+        bytes_total = missed * self.catchup_bytes_per_missed_round
+        if self.round_scalars:
+            fewer = sum(
+                self.scalars_per_round - self.round_scalars.get(r, self.scalars_per_round)
+                for r in range(round_idx - missed, round_idx)
+            )
+            bytes_total -= fewer * self.wire.bytes_per_scalar
+        return bytes_total
 
     def log_dict(self, prefix: str = "fed/") -> dict[str, float]:
         """Figures for `Trainer.log`: the last round's and the cumulative ones, keys namespaced by `prefix`.
@@ -323,6 +361,8 @@ class CommunicationLedger:
                 "paper_bytes_total": self.paper_bytes_total,
             },
             "last_round": None if self.last_round is None else asdict(self.last_round),
+            # JSON object keys are strings.
+            "round_scalars": {str(r): n for r, n in self.round_scalars.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -353,6 +393,7 @@ class CommunicationLedger:
             setattr(self, name, int(totals[name]))
         last = state.get("last_round")
         self.last_round = None if last is None else RoundCost(**{k: int(v) for k, v in last.items()})
+        self.round_scalars = {int(r): int(n) for r, n in state.get("round_scalars", {}).items()}
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> CommunicationLedger:
