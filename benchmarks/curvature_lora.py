@@ -96,7 +96,13 @@ def role_blocks(names: list[str]) -> list[str]:
 
 
 def make_optimizer(
-    method: str, model, lr: float, seed: int, floor: float | None = None, blocks: str = "tensor"
+    method: str,
+    model,
+    lr: float,
+    seed: int,
+    floor: float | None = None,
+    blocks: str = "tensor",
+    spread: float | None = None,
 ) -> HiSoOptimizer:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -112,6 +118,8 @@ def make_optimizer(
         opt._scales = None
         return opt
     extra = {} if floor is None else {"curvature_floor": floor}
+    if spread is not None:
+        extra["curvature_spread"] = spread
     if method in ("snr", "snr4"):
         extra["curvature_target"] = "snr"
     every = 4 if method in ("block4", "snr4") else 1
@@ -237,6 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--blocks", choices=("tensor", "role"), default="tensor", help="curvature blocks: per tensor, or per role"
     )
+    parser.add_argument("--spread", type=float, default=None, help="curvature_spread (default: the library's)")
     parser.add_argument("--floor", type=float, default=None, help="curvature_floor (default: the library's)")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the run's record")
     parser.add_argument(
@@ -251,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     model, train, val = load(args.max_length, args.val_size, args.seed)
     model = trainable_model(model, args.method)
-    opt = make_optimizer(args.method, model, args.lr, args.seed, args.floor, args.blocks)
+    opt = make_optimizer(args.method, model, args.lr, args.seed, args.floor, args.blocks, args.spread)
     d = sum(p.numel() for p in opt.params)
     est = opt.curvature
     settings = (
