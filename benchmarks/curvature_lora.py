@@ -20,7 +20,9 @@ Methods:
 * `snr4`: `snr` with `curvature_every=4` (forward differences and no new estimate on three steps in four).
 
 `--warmup N` raises the lr linearly from lr / N to lr over the first N steps (what `warmup_steps` does in a Trainer):
-it lets a large lr wait until `H` has formed (plain directions for the first `2B` curvature rows).
+it lets a large lr wait until `H` has formed (plain directions for the first `2B` curvature rows). `--blocks role`
+puts the tensors whose names agree once the layer numbers are dropped into one block (6 blocks instead of 26);
+`--spread W` sets `curvature_spread` (the block factors `a**2 ~ U[1 - W, 1 + W]`).
 
     python benchmarks/curvature_lora.py --method block --lr 0.1 --steps 300 \\
         --out benchmarks/results/curvature_lora/block_lr0.1.json
@@ -161,10 +163,13 @@ def score(record: dict) -> float:
 
 
 def lr_label(record: dict) -> str:
-    """`0.1`, `0.1w30` for a run with a 30-step warm-up, `0.1w30/role` with role blocks."""
+    """`0.1`, `0.1w30` for a run with a 30-step warm-up, `0.1w30/role` with role blocks, `.../spread1` with a
+    `curvature_spread` other than the default 0.75."""
     warmup = record.get("warmup", 0)
-    role = record.get("blocks") == "role"
-    return f"{record['lr']:g}" + (f"w{warmup}" if warmup else "") + ("/role" if role else "")
+    label = f"{record['lr']:g}" + (f"w{warmup}" if warmup else "")
+    label += "/role" if record.get("blocks") == "role" else ""
+    spread = record.get("curvature", {}).get("spread", 0.75)
+    return label + (f"/spread{spread:g}" if spread != 0.75 else "")
 
 
 def accuracy_within(record: dict, key: str, budget: float) -> float | None:
