@@ -85,7 +85,14 @@ METHODS = (*ZO_METHODS, "fedavg")
 FEDERATED = ("hiso", "decomfl", "fedavg")
 # Opt-in: the block curvature extension (docs/curvature.md). Not in METHODS, so the full mode's sweep and report are
 # those of the paper's methods whether or not block runs sit in the same results directory.
-CURVATURE_METHODS = ("block", "snr", "snr4")
+# The `HiSoConfig` fields of each curvature method (on top of HiSo's); every-step methods measure with central
+# differences throughout, `snr4` with forward differences between its curvature steps.
+CURVATURE_SETTINGS = {
+    "block": {"zo_curvature": True, "zo_difference": "central"},
+    "snr": {"zo_curvature": True, "zo_curvature_target": "snr", "zo_difference": "central"},
+    "snr4": {"zo_curvature": True, "zo_curvature_target": "snr", "zo_curvature_every": 4},
+}
+CURVATURE_METHODS = tuple(CURVATURE_SETTINGS)
 # What the curvature report compares, at each one's best lr (the curvature methods that have runs).
 CURVATURE_COMPARED = ("decomfl", "hiso", *CURVATURE_METHODS)
 LABELS = {
@@ -197,9 +204,6 @@ def run_zo(
     val_ids, val_labels = example_ids(feats, "validation"), feats["validation"]["labels"]
     mezo = method == "mezo"
     block = method in CURVATURE_METHODS
-    curvature = {"zo_curvature": True, "zo_curvature_target": "curvature" if method == "block" else "snr"}
-    if method == "snr4":
-        curvature["zo_curvature_every"] = 4
     with tempfile.TemporaryDirectory() as tmp:
         args = HiSoConfig(
             output_dir=tmp,
@@ -217,12 +221,11 @@ def run_zo(
             dataloader_num_workers=0,
             zo_eps=mode.zo_eps,
             zo_num_directions=1 if mezo else mode.num_directions,
-            zo_difference="central" if mezo or method in ("block", "snr") else "forward",
             zo_preconditioner=method == "hiso" or block,
             # Keeps each round's P directions (P x d floats, 3 MB here) instead of drawing them again for every
             # client, the restoration and the update: the same numbers, so the same run, at about half the CPU time.
             zo_cache_directions=True,
-            **(curvature if block else {}),
+            **{"zo_difference": "central" if mezo else "forward", **CURVATURE_SETTINGS.get(method, {})},
             **(zo_overrides or {}),
         )
         fed_cb = None

@@ -407,20 +407,21 @@ class FederatedZOCallback(TrainerCallback):
         if result.scalars is None:
             self.empty_rounds += 1
             logger.warning(f"Round {plan.round_idx}: no client reported usable scalars; the model does not move.")
+        # Which local steps measured curvature (a function of the seeds): they alone carry the curvature scalars.
+        measured = None if opt.curvature is None else [opt.curvature.is_curvature_step(seed) for seed in plan.seeds]
         slopes, curvatures = result.scalars, None
-        if result.scalars is not None and opt.curvature is not None:
-            measured = [opt.curvature.is_curvature_step(seed) for seed in plan.seeds]
+        if result.scalars is not None and measured is not None:
             slopes, curvatures = split_report(result.scalars, opt.num_directions, measured)
         if slopes is not None:
             for k, seed in enumerate(plan.seeds):
                 opt.accumulate(seed, slopes[k], None if curvatures is None else curvatures[k])
         self.server.commit_round(plan, slopes, [g["lr"] for g in opt.param_groups], curvatures)
-        # With `curvature_every > 1` only the curvature steps carry the curvature scalar.
-        measured_steps = None
-        if opt.curvature is not None:
-            measured_steps = sum(opt.curvature.is_curvature_step(seed) for seed in plan.seeds)
         self.ledger.record_round(
-            plan.round_idx, sorted(reports), missed, dropped=dropped, curvature_steps=measured_steps
+            plan.round_idx,
+            sorted(reports),
+            missed,
+            dropped=dropped,
+            curvature_steps=None if measured is None else sum(measured),
         )
         kept = [losses[c] for c in result.accepted]
         loss = torch.stack(kept).mean() if kept else torch.tensor(float("nan"))
