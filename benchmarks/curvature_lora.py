@@ -17,7 +17,17 @@ Methods:
 * `block4`: the same with `curvature_every=4` (a quarter of the steps central, 7.25 passes / step on average);
 * `snr`: `block` with `curvature_target="snr"` (H_b proportional to theta_b / gamma_b, gamma_b the mean squared
   gradient per entry learned from the squared slopes: long directions where the signal per unit curvature is large);
-* `snr4`: `snr` with `curvature_every=4` (forward differences and no new estimate on three steps in four).
+* `snr4`: `snr` with `curvature_every=4` (forward differences and no new estimate on three steps in four);
+* `energy`: `curvature_target="energy"` (H_b inversely proportional to the block's gradient energy `n_b gamma_b`,
+  learned with masks and a weighted regression of the squared slopes); with `--curvature-steps N` `H` is learned on
+  the first N steps and then kept (later steps: forward differences, 6 passes);
+* `oracle`: the snr target's `H` (the same formula, floor and normalisation) from the *true* per-tensor values
+  instead of the estimates: `gamma_b = ||grad_b||**2 / n_b` by backprop on the step's batch and `theta_b` by a
+  Hutchinson estimate `v_b . (Hess v)_b / n_b` (Rademacher `v`, `Hess v` from a central difference of two
+  gradients), both averaged with weight 0.9 on every `--oracle-every`-th step; forward differences (6 passes a step,
+  the backprop passes are not counted). It separates the target from its estimation: what the snr target would do
+  if the scalars identified `gamma` and `theta` exactly. `--oracle-target energy` uses the energy target's formula
+  instead (`signal`: `1 / gamma_b` per entry), `--oracle-freeze N` keeps `H` fixed after step N.
 
 `--warmup N` raises the lr linearly from lr / N to lr over the first N steps (what `warmup_steps` does in a Trainer):
 it lets a large lr wait until `H` has formed (plain directions for the first `2B` curvature rows). `--blocks role`
@@ -51,7 +61,7 @@ import torch  # noqa: E402
 
 from hf_hiso import HiSoOptimizer  # noqa: E402
 
-METHODS = ("plain", "hiso", "fixed", "head", "block", "block4", "snr", "snr4")
+METHODS = ("plain", "hiso", "fixed", "head", "block", "block4", "snr", "snr4", "energy", "oracle")
 
 
 class FixedPreconditionerOptimizer(HiSoOptimizer):
@@ -59,6 +69,96 @@ class FixedPreconditionerOptimizer(HiSoOptimizer):
 
     def apply_updates(self, updates, update_hessian: bool) -> None:
         super().apply_updates(updates, update_hessian=False)
+
+    def set_block_hessian(self, hessian_of_tensor: list[float]) -> None:
+        for p, h in zip(self.params, hessian_of_tensor, strict=True):
+            self.state[p]["hessian"] = torch.full_like(p, h, dtype=torch.float32)
+        self._scales = None
+
+
+class OracleSnr:
+    """The snr target's `H` per tensor from backprop: `gamma_b = ||grad_b||**2 / n_b` on the step's batch and `theta_b`
+    from `samples` Hutchinson samples `v_b . (Hess v)_b / n_b`, `Hess v ~ (grad(x + e v) - grad(x - e v)) / 2e`, each
+    an average with weight `decay` on the old value; `H` then moves as the library's does (at most a factor
+    `MAX_STEP` per update toward the target, then normalised)."""
+
+    def __init__(
+        self,
+        opt: FixedPreconditionerOptimizer,
+        seed: int,
+        target: str = "snr",
+        decay: float = 0.9,
+        eps: float = 1e-3,
+        samples: int = 4,
+    ):
+        from hf_hiso.curvature import BlockCurvature
+
+        self.opt, self.decay, self.eps = opt, decay, eps
+        self.rule = BlockCurvature.for_params(opt.params, opt.param_groups, target="snr")
+        self.gen = torch.Generator().manual_seed(seed + 7919)
+        self.samples, self.target = samples, target
+        self.gamma = self.theta = None
+        self.hessian = torch.ones(self.rule.num_blocks, dtype=torch.float64)
+
+    def _grads(self, loss_fn) -> list[torch.Tensor]:
+        with torch.enable_grad():
+            return list(torch.autograd.grad(loss_fn(), self.opt.params))
+
+    def update(self, loss_fn) -> None:
+        params = self.opt.params
+        sizes = self.rule.block_sizes
+        gamma = torch.tensor([float(g.double().square().sum()) for g in self._grads(loss_fn)], dtype=torch.float64)
+        theta = torch.zeros(len(params), dtype=torch.float64)
+        for _ in range(self.samples):
+            vs = [(torch.randint(0, 2, p.shape, generator=self.gen) * 2 - 1).to(p.dtype) for p in params]
+            with torch.no_grad():
+                for p, v in zip(params, vs, strict=True):
+                    p.add_(v, alpha=self.eps)
+            plus = self._grads(loss_fn)
+            with torch.no_grad():
+                for p, v in zip(params, vs, strict=True):
+                    p.add_(v, alpha=-2 * self.eps)
+            minus = self._grads(loss_fn)
+            with torch.no_grad():
+                for p, v in zip(params, vs, strict=True):
+                    p.add_(v, alpha=self.eps)
+            quad = [float((v.double() * (a - b).double()).sum()) for v, a, b in zip(vs, plus, minus, strict=True)]
+            theta += torch.tensor(quad, dtype=torch.float64) / (2 * self.eps * self.samples)
+        gamma, theta = gamma / sizes, theta / sizes
+        if self.gamma is None:
+            self.gamma, self.theta = gamma, theta
+        else:
+            self.gamma = self.decay * self.gamma + (1 - self.decay) * gamma
+            self.theta = self.decay * self.theta + (1 - self.decay) * theta
+        if self.target in ("signal", "energy"):
+            # H_b proportional to 1 / gamma_b (per entry) or 1 / (n_b gamma_b) (the block's whole gradient energy),
+            # floored, with the snr target's normalisation.
+            n = self.rule.block_sizes
+            weight = self.gamma.clamp_min(0.0) * (n if self.target == "energy" else 1.0)
+            floor = self.rule.floor * float((n * weight).sum() / n.sum())
+            target = self.rule.normalise(1.0 / weight.clamp_min(floor), self.theta)
+        else:
+            target = self.rule.snr_preconditioner(self.theta, self.gamma)
+        if target is not None:
+            from hf_hiso.curvature import MAX_STEP
+
+            moved = torch.minimum(torch.maximum(target, self.hessian / MAX_STEP), self.hessian * MAX_STEP)
+            self.hessian = self.rule.normalise(moved, self.theta)
+            self.opt.set_block_hessian(self.hessian.tolist())
+
+    def summary(self, model) -> dict[str, float]:
+        if self.gamma is None:
+            return {}
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        h = [float(self.opt.state[p]["hessian"].flatten()[0]) for p in self.opt.params]
+        out: dict[str, list[float]] = {}
+        for i, name in enumerate(names):
+            kind = "lora_A" if "lora_A" in name else "lora_B" if "lora_B" in name else "head"
+            kind += "_bias" if kind == "head" and name.endswith("bias") else ""
+            out.setdefault(f"theta_{kind}", []).append(float(self.theta[i]))
+            out.setdefault(f"gamma_{kind}", []).append(float(self.gamma[i]))
+            out.setdefault(f"H_{kind}", []).append(h[i])
+        return {k: sum(v) / len(v) for k, v in out.items()}
 
 
 def load(max_length: int, val_size: int, seed: int):
@@ -105,6 +205,7 @@ def make_optimizer(
     floor: float | None = None,
     blocks: str = "tensor",
     spread: float | None = None,
+    curvature_steps: int = 0,
 ) -> HiSoOptimizer:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -113,6 +214,8 @@ def make_optimizer(
         return HiSoOptimizer(params, preconditioner=False, **common)
     if method == "hiso":
         return HiSoOptimizer(params, **common)
+    if method == "oracle":
+        return FixedPreconditionerOptimizer(params, **common)
     if method == "fixed":
         opt = FixedPreconditionerOptimizer(params, **common)
         for n, p in named:
@@ -124,6 +227,10 @@ def make_optimizer(
         extra["curvature_spread"] = spread
     if method in ("snr", "snr4"):
         extra["curvature_target"] = "snr"
+    if method == "energy":
+        extra["curvature_target"] = "energy"
+    if curvature_steps:
+        extra["curvature_steps"] = curvature_steps
     every = 4 if method in ("block4", "snr4") else 1
     if blocks == "role":
         extra["curvature_blocks"] = role_blocks([n for n, _ in named])
@@ -154,7 +261,12 @@ def block_summary(model, opt: HiSoOptimizer) -> dict[str, float]:
         if "gamma" in info:
             out.setdefault(f"gamma_{kind}", []).append(float(info["gamma"][b]))
         out.setdefault(f"H_{kind}", []).append(float(info["hessian"][b]))
-    return {k: sum(v) / len(v) for k, v in out.items()}
+    summary = {k: sum(v) / len(v) for k, v in out.items()}
+    blocks = zip(names, info["block_of"].tolist(), strict=True)
+    lora = [float(info["hessian"][b]) for name, b in blocks if "lora_" in name]
+    if lora:
+        summary["H_min_lora"] = min(lora)  # the shortest LoRA H: the block that can blow up first
+    return summary
 
 
 def score(record: dict) -> float:
@@ -164,12 +276,19 @@ def score(record: dict) -> float:
 
 def lr_label(record: dict) -> str:
     """`0.1`, `0.1w30` for a run with a 30-step warm-up, `0.1w30/role` with role blocks, `.../spread1` with a
-    `curvature_spread` other than the default 0.75."""
+    `curvature_spread` other than the default 0.75, `.../steps50` with `curvature_steps=50`, and for the oracle its
+    target and freeze step (`0.1/energy/freeze50`)."""
     warmup = record.get("warmup", 0)
     label = f"{record['lr']:g}" + (f"w{warmup}" if warmup else "")
     label += "/role" if record.get("blocks") == "role" else ""
     spread = record.get("curvature", {}).get("spread", 0.75)
-    return label + (f"/spread{spread:g}" if spread != 0.75 else "")
+    label += f"/spread{spread:g}" if spread != 0.75 and record["method"] != "energy" else ""
+    steps = record.get("curvature", {}).get("steps", 0)
+    label += f"/steps{steps}" if steps else ""
+    if record["method"] == "oracle":
+        label += f"/{record.get('oracle_target', 'snr')}"
+        label += f"/freeze{record['oracle_freeze']}" if record.get("oracle_freeze") else ""
+    return label
 
 
 def accuracy_within(record: dict, key: str, budget: float) -> float | None:
@@ -252,6 +371,18 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--spread", type=float, default=None, help="curvature_spread (default: the library's)")
     parser.add_argument("--floor", type=float, default=None, help="curvature_floor (default: the library's)")
+    parser.add_argument(
+        "--curvature-steps", type=int, default=0, help="curvature_steps: learn H on the first N curvature steps only"
+    )
+    parser.add_argument("--oracle-every", type=int, default=5, help="steps between the oracle's backprop updates")
+    parser.add_argument(
+        "--oracle-target",
+        choices=("snr", "signal", "energy"),
+        default="snr",
+        help="the oracle's rule: the snr target (gamma / theta), gradient energy per entry (H_b ~ 1 / gamma_b) or per "
+        "block (H_b ~ 1 / (n_b gamma_b))",
+    )
+    parser.add_argument("--oracle-freeze", type=int, default=0, help="the oracle's H stays fixed after this step")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the run's record")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1 is about 5x faster than 2 on a busy 2-core machine)"
@@ -265,7 +396,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     model, train, val = load(args.max_length, args.val_size, args.seed)
     model = trainable_model(model, args.method)
-    opt = make_optimizer(args.method, model, args.lr, args.seed, args.floor, args.blocks, args.spread)
+    opt = make_optimizer(
+        args.method, model, args.lr, args.seed, args.floor, args.blocks, args.spread, args.curvature_steps
+    )
     d = sum(p.numel() for p in opt.params)
     est = opt.curvature
     settings = (
@@ -284,13 +417,18 @@ def main(argv: list[str] | None = None) -> dict:
     record["blocks"] = args.blocks
     if est is not None:
         record["curvature"] = {"floor": est.floor, "spread": est.spread, "every": est.every, "forget": est.forget}
+        record["curvature"] |= {"target": est.target, "steps": est.steps}
+    oracle = OracleSnr(opt, args.seed, args.oracle_target) if args.method == "oracle" else None
+    if oracle is not None:
+        record["oracle_every"], record["oracle_target"] = args.oracle_every, args.oracle_target
+        record["oracle_freeze"] = args.oracle_freeze
     passes, losses, t0 = 0, [], time.time()
 
     def evaluate(step: int) -> None:
         acc = accuracy(model, val)
         entry = {"step": step, "passes": passes, "accuracy": acc, "seconds": time.time() - t0}
         entry["train_loss"] = sum(losses[-50:]) / max(len(losses[-50:]), 1) if losses else None
-        entry |= block_summary(model, opt)
+        entry |= block_summary(model, opt) if oracle is None else oracle.summary(model)
         record["evals"].append(entry)
         print(json.dumps(entry), flush=True)
 
@@ -301,6 +439,9 @@ def main(argv: list[str] | None = None) -> dict:
         if args.warmup:
             for group in opt.param_groups:
                 group["lr"] = args.lr * min(1.0, step / args.warmup)
+        frozen = args.oracle_freeze and step > args.oracle_freeze
+        if oracle is not None and (step - 1) % args.oracle_every == 0 and not frozen:
+            oracle.update(lambda batch=batch: model(**batch).loss)
         loss = opt.step(lambda batch=batch: model(**batch).loss)
         passes += opt.last_forward_passes
         losses.append(float(loss))

@@ -120,7 +120,7 @@ def client_local_steps(
         loss_at_start = loss0 if loss_at_start is None else loss_at_start
         scalars[k, : opt.num_directions] = slopes
         if with_curvature:
-            measured = opt.curvature.is_curvature_step(seed)
+            measured = opt.curvature.is_curvature_step(seed, opt.state["curvature"])
             scalars[k, opt.num_directions :] = curvatures if measured else 0.0
         record(slopes, trainer.zo_passes_per_step())
         if k < len(seeds) - 1:
@@ -408,7 +408,11 @@ class FederatedZOCallback(TrainerCallback):
             self.empty_rounds += 1
             logger.warning(f"Round {plan.round_idx}: no client reported usable scalars; the model does not move.")
         # Which local steps measured curvature (a function of the seeds): they alone carry the curvature scalars.
-        measured = None if opt.curvature is None else [opt.curvature.is_curvature_step(seed) for seed in plan.seeds]
+        measured = (
+            None
+            if opt.curvature is None
+            else [opt.curvature.is_curvature_step(seed, opt.state["curvature"]) for seed in plan.seeds]
+        )
         slopes, curvatures = result.scalars, None
         if result.scalars is not None and measured is not None:
             slopes, curvatures = split_report(result.scalars, opt.num_directions, measured)

@@ -48,7 +48,24 @@ blocks with a large `gamma_b / theta_b` deserve long directions:
 
 scaled so that `T` (with `theta` floored as above) equals its value for plain directions, which keeps the stable
 learning rate of plain directions (mean 1 over entries would let `T` grow by up to `1 / floor`), with the same trust
-region. The second moment is kept with either target (it is cheap and lets one resume with the other).
+region. The second moment is kept with every target (it is cheap and lets one resume with another).
+
+With `target="energy"` (opt-in) `H_b` follows each block's whole gradient energy `n_b gamma_b` alone:
+
+    H_b ~ 1 / max(n_b gamma_b^+, floor * max_c n_c gamma_c^+),
+
+scaled as for `"snr"`. Blocks whose gradient is a small share of the total get short directions whatever their
+curvature: what a LoRA adapter at its `B = 0` start needs (its blocks are flat *and* nearly gradient-free, so the snr
+ratio of the two does not separate them from the head; `docs/curvature.md`). To tell a block with a thousandth of
+the energy from one with a hundredth, this target uses its own design: *masks* instead of uniform factors (`a**2 = 2`
+or `0` with probability 1/2 each, still mean 1), so that some directions leave out the blocks that dominate the
+slope, and a weighted regression for `gamma` (a squared slope is `E[g**2 | z]` times a chi-square(1) variable, so its
+variance is `2 E[g**2 | z]**2`; each row gets the weight `1 / max(x_p . gamma^+, 1e-3 max_p x_p . gamma^+)**2` from the
+estimate before the step, `1` on the first step; `gram_grad` holds the weighted `R`). The rows that leave out the
+head then weigh most and measure the adapter's energy alone. With `steps = N > 0`, `H` is learned on
+the first `N` curvature steps only and then kept: later steps are plain steps with the learned block scale (no
+factors, the configured difference, no curvature scalars). Learning it throughout lets a feedback loop in: the random
+walk of a block with short directions raises its gradient energy, which lengthens its directions.
 
 `R`, `r`, `r_g`, `theta`, `gamma` and `H` (a `B x B` matrix and five `B`-vectors) are built from seeds and averaged
 scalars only, in float64 and in a fixed order, so every replica holds the same state without it being sent. They live
@@ -71,7 +88,7 @@ _FACTOR_TAG = 0xB10CFAC7
 
 BLOCKINGS = ("tensor", "group")
 # What sets the block values of H: the learned curvature alone, or the signal per unit curvature (gamma / theta).
-TARGETS = ("curvature", "snr")
+TARGETS = ("curvature", "snr", "energy")
 # Largest factor by which a block's H may change in one curvature step.
 MAX_STEP = 2.0
 
@@ -84,6 +101,7 @@ def check_curvature_settings(
     spread: float,
     prior: float,
     target: str = "curvature",
+    steps: int = 0,
     prefix: str = "curvature_",
 ) -> None:
     """Raises a `ValueError` naming the field (with `prefix`, e.g. `"zo_curvature_"`) and the allowed values."""
@@ -106,6 +124,8 @@ def check_curvature_settings(
         raise bad("prior", "a finite number > 0 (the weight of the shrinkage toward the pooled curvature)", prior)
     if target not in TARGETS:
         raise bad("target", f"one of {TARGETS} (what sets the block values of H)", target)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise bad("steps", "an integer >= 0 (learn H on this many curvature steps, then keep it; 0: always)", steps)
 
 
 def block_index(
@@ -138,11 +158,14 @@ class BlockCurvature:
             optimizer's own difference (forward: `P + 1` passes instead of `2P + 1`) and plain directions.
         forget: `lambda`, weight of the old regression data per curvature step (memory about `P / (1 - lambda)` rows).
         floor: smallest `theta_b` used, relative to the entry-weighted mean of `theta^+`.
-        spread: `w`, half-width of the block factors `a**2 ~ U[1 - w, 1 + w]` (0 turns them off).
+        spread: `w`, half-width of the block factors `a**2 ~ U[1 - w, 1 + w]` (0 turns them off); the `"energy"`
+            target uses masks instead (`a**2 = 0` or `2`) and ignores it.
         prior: `rho`, weight of the shrinkage of `theta` toward the pooled curvature, in pseudo-rows per block.
-        target: `"curvature"` (`H_b` proportional to `theta_b`) or `"snr"` (`H_b` proportional to `theta_b / gamma_b`,
-            long directions for the blocks with the most gradient signal per unit curvature; see the module
-            docstring).
+        target: `"curvature"` (`H_b` proportional to `theta_b`), `"snr"` (`H_b` proportional to `theta_b / gamma_b`,
+            long directions for the blocks with the most gradient signal per unit curvature) or `"energy"` (`H_b`
+            inversely proportional to the block's gradient energy `n_b gamma_b`); see the module docstring.
+        steps: learn `H` on this many curvature steps, then keep it and take plain steps with it (`0`: learn on every
+            curvature step).
     """
 
     def __init__(
@@ -156,8 +179,11 @@ class BlockCurvature:
         spread: float = 0.75,
         prior: float = 0.1,
         target: str = "curvature",
+        steps: int = 0,
     ):
-        check_curvature_settings(every=every, forget=forget, floor=floor, spread=spread, prior=prior, target=target)
+        check_curvature_settings(
+            every=every, forget=forget, floor=floor, spread=spread, prior=prior, target=target, steps=steps
+        )
         self.block_of = list(block_of)
         self.num_blocks = len(block_sizes)
         if sorted(set(self.block_of)) != list(range(self.num_blocks)):
@@ -169,6 +195,7 @@ class BlockCurvature:
         self.spread = spread
         self.prior = prior
         self.target = target
+        self.steps = steps
         self._factors_key: tuple[int, int] | None = None
         self._factors = torch.ones(0, 0, dtype=torch.float64)
 
@@ -185,7 +212,8 @@ class BlockCurvature:
     # ---- state ----------------------------------------------------------------------------------------------------
 
     def init_state(self) -> dict[str, Any]:
-        """`gram` (`R`, `B x B`), `moment` (`r`), `moment_grad` (`r_g`, the moment of the squared slopes), `theta` and
+        """`gram` (`R`, `B x B`), `moment` (`r`), `moment_grad` (`r_g`, the moment of the squared slopes),
+        `gram_grad` (the weighted `R` of the `"energy"` target's regression for `gamma`; unused otherwise), `theta` and
         `gamma` (NaN until the first estimate), `hessian` (`H_b`, ones),
         `weight` (`N`, discounted rows), `rows` (rows used), `updates` (curvature steps used) and `skipped_rows`
         (non-finite `c`)."""
@@ -194,6 +222,7 @@ class BlockCurvature:
             "gram": torch.zeros(b, b, dtype=torch.float64),
             "moment": torch.zeros(b, dtype=torch.float64),
             "moment_grad": torch.zeros(b, dtype=torch.float64),
+            "gram_grad": torch.zeros(b, b, dtype=torch.float64),
             "theta": torch.full((b,), float("nan"), dtype=torch.float64),
             "gamma": torch.full((b,), float("nan"), dtype=torch.float64),
             "hessian": torch.ones(b, dtype=torch.float64),
@@ -213,26 +242,36 @@ class BlockCurvature:
                 f"{state['block_sizes'].tolist()}, now {self.block_sizes.tolist()})."
             )
         if "moment_grad" not in state:
-            if self.target == "snr":
+            if self.target != "curvature":
                 raise ValueError(
                     "The saved curvature state holds no gradient moment (`moment_grad`, saved before "
-                    '`curvature_target` existed): it cannot resume with `curvature_target="snr"`.'
+                    f'`curvature_target` existed): it cannot resume with `curvature_target="{self.target}"`.'
                 )
             # A checkpoint from before the gradient moment: the curvature target does not use it.
             state["moment_grad"] = torch.zeros(self.num_blocks, dtype=torch.float64)
+        if "gram_grad" not in state:
+            # Saved before the energy target: the other targets do not use it (an energy state always has it).
+            state["gram_grad"] = torch.zeros(self.num_blocks, self.num_blocks, dtype=torch.float64)
             state["gamma"] = torch.full((self.num_blocks,), float("nan"), dtype=torch.float64)
 
     # ---- what every party derives from a seed ---------------------------------------------------------------------
 
-    def is_curvature_step(self, seed: int) -> bool:
-        """Whether the step with this seed measures and uses curvature scalars: a function of the seed alone, so the
-        measuring client, the server and every replica agree without being told."""
-        return self.every == 1 or direction_seed(seed, _STEP_TAG) % self.every == 0
+    def learning(self, state: dict[str, Any] | None) -> bool:
+        """Whether `H` is still being learned: always with `steps = 0`, else until `steps` curvature steps have been
+        used (`state["updates"]`, the same on every replica). Without a state: the schedule of the seeds alone."""
+        return state is None or not self.steps or state["updates"] < self.steps
 
-    def block_factors(self, seed: int, num_directions: int) -> torch.Tensor:
-        """`a_{p,b}` of shape `(P, B)`, float64: `a**2 ~ U[1 - w, 1 + w]` from a private generator seeded by
-        `(seed, p)`; ones on steps that are not curvature steps or with `spread = 0`."""
-        if self.spread == 0.0 or not self.is_curvature_step(seed):
+    def is_curvature_step(self, seed: int, state: dict[str, Any] | None = None) -> bool:
+        """Whether the step with this seed measures and uses curvature scalars: a function of the seed (and, with
+        `steps > 0`, of the curvature state, which every replica holds identically), so the measuring client, the
+        server and every replica agree without being told."""
+        return self.learning(state) and (self.every == 1 or direction_seed(seed, _STEP_TAG) % self.every == 0)
+
+    def block_factors(self, seed: int, num_directions: int, state: dict[str, Any] | None = None) -> torch.Tensor:
+        """`a_{p,b}` of shape `(P, B)`, float64: `a**2 ~ U[1 - w, 1 + w]` (masks `a**2 = 2 * Bernoulli(1/2)` with the
+        `"energy"` target) from a private generator seeded by `(seed, p)`; ones on steps that are not curvature steps
+        or with `spread = 0` (other targets)."""
+        if (self.spread == 0.0 and self.target != "energy") or not self.is_curvature_step(seed, state):
             return torch.ones(num_directions, self.num_blocks, dtype=torch.float64)
         key = (seed, num_directions)
         if self._factors_key == key:
@@ -242,19 +281,22 @@ class BlockCurvature:
         for p in range(num_directions):
             gen = torch.Generator().manual_seed(direction_seed(direction_seed(seed, p), _FACTOR_TAG))
             uniform = torch.rand(self.num_blocks, generator=gen, dtype=torch.float64)
-            rows.append((1.0 + self.spread * (2.0 * uniform - 1.0)).sqrt())
+            if self.target == "energy":
+                rows.append((uniform < 0.5).double() * math.sqrt(2.0))
+            else:
+                rows.append((1.0 + self.spread * (2.0 * uniform - 1.0)).sqrt())
         self._factors_key, self._factors = key, torch.stack(rows)
         return self._factors
 
     def direction_scales(self, state: dict[str, Any], seed: int, num_directions: int) -> list[list[float]]:
         """Per direction and tensor, the factor that turns `u_p` into `z_p`: `a_{p,b(i)} / sqrt(H_{b(i)})`."""
         base = state["hessian"].rsqrt()
-        factors = self.block_factors(seed, num_directions) * base
+        factors = self.block_factors(seed, num_directions, state) * base
         return [[float(row[b]) for b in self.block_of] for row in factors]
 
     def features(self, state: dict[str, Any], seed: int, tensor_sq_norms: torch.Tensor) -> torch.Tensor:
         """`x_{p,b} = ||z_{p,b}||**2` (shape `(P, B)`) from `||u_{p,i}||**2` per direction and tensor."""
-        factors = self.block_factors(seed, tensor_sq_norms.shape[0]).square() / state["hessian"]
+        factors = self.block_factors(seed, tensor_sq_norms.shape[0], state).square() / state["hessian"]
         per_block = torch.zeros(tensor_sq_norms.shape[0], self.num_blocks, dtype=torch.float64)
         per_block.index_add_(1, torch.tensor(self.block_of), tensor_sq_norms.double())
         return factors * per_block
@@ -271,9 +313,9 @@ class BlockCurvature:
         """Adds one curvature step's rows (features `(P, B)`, averaged `c` `(P,)` and, if given, averaged slopes
         `(P,)`) with forgetting, re-solves `theta` (and `gamma` from the squared slopes) and sets `H`. Rows with a
         non-finite `c` or slope are skipped (and counted): every party skips the same ones. `slopes` are required
-        with `target="snr"`."""
-        if slopes is None and self.target == "snr":
-            raise ValueError('`curvature_target="snr"` needs the averaged slopes in `BlockCurvature.update`.')
+        with the `"snr"` and `"energy"` targets."""
+        if slopes is None and self.target != "curvature":
+            raise ValueError(f'`curvature_target="{self.target}"` needs the averaged slopes in `update`.')
         c = curvatures.double()
         keep = torch.isfinite(c) & torch.isfinite(features).all(1)
         if slopes is not None:
@@ -287,7 +329,13 @@ class BlockCurvature:
         state["moment"] = self.forget * state["moment"] + x.T @ c
         if slopes is not None:
             # E[g_p**2 | z_p] = sum_b gamma_b x_{p,b}: the same features as for the curvature.
-            state["moment_grad"] = self.forget * state["moment_grad"] + x.T @ slopes.double()[keep].square()
+            squares = slopes.double()[keep].square()
+            if self.target == "energy":
+                weighted = x * self.row_weights(state["gamma"], x)[:, None]
+                state["gram_grad"] = self.forget * state["gram_grad"] + weighted.T @ x
+                state["moment_grad"] = self.forget * state["moment_grad"] + weighted.T @ squares
+            else:
+                state["moment_grad"] = self.forget * state["moment_grad"] + x.T @ squares
         state["weight"] = self.forget * state["weight"] + len(c)
         state["rows"] += len(c)
         state["updates"] += 1
@@ -295,9 +343,12 @@ class BlockCurvature:
         theta = self.solve(state["gram"], state["moment"], ridge)
         state["theta"] = theta
         if slopes is not None:
-            state["gamma"] = self.solve(state["gram"], state["moment_grad"], ridge)
+            gram = state["gram_grad"] if self.target == "energy" else state["gram"]
+            state["gamma"] = self.solve(gram, state["moment_grad"], ridge)
         if self.target == "snr":
             target = self.snr_preconditioner(theta, state["gamma"])
+        elif self.target == "energy":
+            target = self.energy_preconditioner(theta, state["gamma"])
         else:
             target = self.preconditioner(theta)
         if target is None:
@@ -311,14 +362,24 @@ class BlockCurvature:
         moved = torch.minimum(torch.maximum(target, old / MAX_STEP), old * MAX_STEP)
         state["hessian"] = self.normalise(moved, theta)
 
+    @staticmethod
+    def row_weights(gamma: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Weights of the `"energy"` target's rows: `1 / max(x_p . gamma^+, 1e-3 max_p x_p . gamma^+)**2`, the inverse
+        variance of a squared slope up to a constant, from the estimate before the rows; ones without an estimate."""
+        predicted = features @ gamma.clamp_min(0.0)
+        top = float(predicted.max()) if predicted.numel() else 0.0
+        if not top > 0.0 or not math.isfinite(top):
+            return torch.ones(features.shape[0], dtype=torch.float64)
+        return predicted.clamp_min(1e-3 * top).pow(-2.0)
+
     def normalise(self, hessian: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         """Rescales `H`: to mean 1 over entries (`target="curvature"`, where that also keeps the trace below), or
-        (`target="snr"`) so that `sum_b n_b theta_b / H_b`, with `theta` floored as in the target, equals its value
-        for plain directions: that trace limits ZO-SGD's stable learning rate, so a learning rate that suits plain
-        directions suits these too. (Mean 1 over entries would let it grow by up to `1 / floor` as `H` shrinks on a
-        stiff block with a large gradient: the quadratic benchmark diverged at every learning rate.)"""
+        (`"snr"`, `"energy"`) so that `sum_b n_b theta_b / H_b`, with `theta` floored as in the target, equals its
+        value for plain directions: that trace limits ZO-SGD's stable learning rate, so a learning rate that suits
+        plain directions suits these too. (Mean 1 over entries would let it grow by up to `1 / floor` as `H` shrinks
+        on a stiff block with a large gradient: the quadratic benchmark diverged at every learning rate.)"""
         n = self.block_sizes
-        if self.target == "snr":
+        if self.target != "curvature":
             positive = theta.clamp_min(0.0)
             floored = positive.clamp_min(self.floor * float((n * positive).sum() / n.sum()))
             return hessian * float((n * floored / hessian).sum() / (n * floored).sum())
@@ -363,6 +424,19 @@ class BlockCurvature:
         if not mean_weight > 0.0 or not math.isfinite(mean_weight):
             return None
         return self.normalise(1.0 / weight.clamp_min(self.floor * mean_weight), theta)
+
+    def energy_preconditioner(self, theta: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor | None:
+        """`H_b` for `target="energy"`: `1 / e_b` with `e_b = n_b gamma_b^+` (block `b`'s gradient energy), floored at
+        `floor` times the largest, scaled as for `"snr"` (see [`~BlockCurvature.normalise`]). `None` (keep the current
+        `H`) when no block has positive curvature or gradient energy."""
+        n = self.block_sizes
+        if not float((n * theta.clamp_min(0.0)).sum()) > 0.0:
+            return None
+        energy = n * gamma.clamp_min(0.0)
+        top = float(energy.max())
+        if not top > 0.0 or not math.isfinite(top):
+            return None
+        return self.normalise(1.0 / energy.clamp_min(self.floor * top), theta)
 
     def stats(self, state: dict[str, Any]) -> dict[str, float]:
         h, n = state["hessian"], self.block_sizes

@@ -124,8 +124,18 @@ class ZOArguments:
             "help": "What sets the block values of the curvature preconditioner: 'curvature' (H_b proportional to the "
             "learned block curvature theta_b) or 'snr' (H_b proportional to theta_b / gamma_b, gamma_b the mean "
             "squared gradient per entry learned from the squared slopes: long directions for the blocks with the "
-            "most gradient signal per unit curvature).",
+            "most gradient signal per unit curvature) or 'energy' (H_b inversely proportional to the block's gradient "
+            "energy n_b gamma_b: short directions for blocks that hold little of the gradient, such as a LoRA adapter "
+            "at its B = 0 start).",
             "choices": list(TARGETS),
+        },
+    )
+    zo_curvature_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Learn the curvature preconditioner on this many curvature steps, then keep it: later steps are "
+            "plain steps with the learned block scale (the configured difference, no curvature scalars). 0: learn on "
+            "every curvature step."
         },
     )
 
@@ -150,6 +160,7 @@ class ZOArguments:
             spread=self.zo_curvature_spread,
             prior=self.zo_curvature_prior,
             target=self.zo_curvature_target,
+            steps=self.zo_curvature_steps,
             prefix="zo_curvature_",
         )
 
@@ -181,6 +192,7 @@ class ZOArguments:
             "curvature_spread": self.zo_curvature_spread,
             "curvature_prior": self.zo_curvature_prior,
             "curvature_target": self.zo_curvature_target,
+            "curvature_steps": self.zo_curvature_steps,
         }
 
 

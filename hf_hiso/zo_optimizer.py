@@ -103,8 +103,8 @@ class HiSoOptimizer(torch.optim.Optimizer):
             differences and report one curvature scalar per direction beside the slope.
         curvature_blocks: `"tensor"` (one block per trainable tensor), `"group"` (per parameter group) or a block id
             per tensor.
-        curvature_every, curvature_forget, curvature_floor, curvature_spread, curvature_prior, curvature_target: see
-            [`~hf_hiso.curvature.BlockCurvature`].
+        curvature_every, curvature_forget, curvature_floor, curvature_spread, curvature_prior, curvature_target,
+            curvature_steps: see [`~hf_hiso.curvature.BlockCurvature`] (`every`, ..., `target`, `steps`).
     """
 
     def __init__(
@@ -132,6 +132,7 @@ class HiSoOptimizer(torch.optim.Optimizer):
         curvature_spread: float = 0.75,
         curvature_prior: float = 0.1,
         curvature_target: str = "curvature",
+        curvature_steps: int = 0,
     ):
         check_zo_settings(
             zo_eps=zo_eps,
@@ -151,6 +152,7 @@ class HiSoOptimizer(torch.optim.Optimizer):
             "spread": curvature_spread,
             "prior": curvature_prior,
             "target": curvature_target,
+            "steps": curvature_steps,
         }
         if curvature:
             check_curvature_settings(**curvature_kwargs)
@@ -302,7 +304,7 @@ class HiSoOptimizer(torch.optim.Optimizer):
         # Curvature steps need f(x - mu z) for the second difference, whatever `difference` says; other steps keep
         # the configured difference and report no curvature.
         est = self.curvature
-        curvature_step = est.is_curvature_step(seed)
+        curvature_step = est.is_curvature_step(seed, self.state["curvature"])
         central = curvature_step or self.difference == "central"
         scales = est.direction_scales(self.state["curvature"], seed, self.num_directions)
         loss0, slopes, curvatures, passes = block_directional_scalars(
@@ -408,7 +410,7 @@ class HiSoOptimizer(torch.optim.Optimizer):
         norms: list[torch.Tensor | None] = []
         streams = []
         for u in updates:
-            learn = update_hessian and est.is_curvature_step(u.seed) and u.curvatures is not None
+            learn = update_hessian and est.is_curvature_step(u.seed, state) and u.curvatures is not None
             norms.append(torch.zeros(len(u.slopes), len(params), dtype=torch.float64) if learn else None)
             scales = est.direction_scales(state, u.seed, len(u.slopes))
             streams.append(block_aggregated_directions(params, u.seed, u.slopes, scales, self.source, norms[-1]))

@@ -219,7 +219,7 @@ def test_every_k_measures_a_share_of_steps_and_counts_passes():
     assert opt.state["curvature"]["updates"] == curvature_steps
 
 
-@pytest.mark.parametrize("target", ["curvature", "snr"])
+@pytest.mark.parametrize("target", ["curvature", "snr", "energy"])
 def test_state_dict_round_trip_and_wrong_blocks(target):
     params = make_params([10, 30])
     hs = [torch.full((10,), 1.0, dtype=torch.float64), torch.full((30,), 20.0, dtype=torch.float64)]
@@ -231,7 +231,7 @@ def test_state_dict_round_trip_and_wrong_blocks(target):
     copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
     opt2 = HiSoOptimizer(copies, lr=1e-3, curvature=True, curvature_target=target, seed=1)
     opt2.load_state_dict(sd)
-    for key in ("gram", "moment", "moment_grad", "theta", "gamma", "hessian"):
+    for key in ("gram", "moment", "moment_grad", "gram_grad", "theta", "gamma", "hessian"):
         torch.testing.assert_close(opt2.state["curvature"][key], opt.state["curvature"][key], rtol=0, atol=0)
     opt.step(quadratic(hs, params))
     opt2.step(quadratic(hs, copies))
@@ -270,6 +270,8 @@ def test_scalar_reduce_averages_curvatures_too():
         ("zo_curvature_prior", 0.0),
         ("zo_curvature_blocks", "layer"),
         ("zo_curvature_target", "gradient"),
+        ("zo_curvature_steps", -1),
+        ("zo_curvature_steps", 2.5),
     ],
 )
 def test_invalid_config(tmp_path, field, value):
@@ -358,7 +360,7 @@ def test_federated_ledger_counts_curvature_scalars_on_curvature_steps_only(tmp_p
     assert callback.ledger.bytes_uplink_total == sum(2 * P * (tau + k) * 4 for k in steps)
 
 
-@pytest.mark.parametrize("target", ["curvature", "snr"])
+@pytest.mark.parametrize("target", ["curvature", "snr", "energy"])
 def test_protocol_with_every_k_replays_exactly(target):
     """The protocol by hand (no Trainer): forward differences with `curvature_every=2`, two local steps, clients
     with different losses; steps that measure no curvature send placeholders that never reach the state. A replica
@@ -414,7 +416,7 @@ def test_protocol_with_every_k_replays_exactly(target):
     assert 0 < state["updates"] < 12 * tau and state["skipped_rows"] == 0
 
     replica_params, replica = make()
-    # H has left I, so the replay below depends on the learned state (theta, and gamma for "snr")
+    # H has left I, so the replay below depends on the learned state (theta, and gamma for "snr" and "energy")
     assert not torch.equal(state["hessian"], torch.ones_like(state["hessian"]))
     replay(replica, [server.history[r] for r in sorted(server.history)])
     for a, b in zip(replica_params, params, strict=True):
@@ -515,3 +517,126 @@ def test_old_checkpoint_without_gradient_moment():
     snr = HiSoOptimizer(make_params([10, 30]), lr=1e-3, curvature=True, curvature_target="snr", seed=1)
     with pytest.raises(ValueError, match="moment_grad"):
         snr.load_state_dict(copy.deepcopy(sd))
+
+
+# ---- gradient-energy target (curvature_target="energy") and learning H for a limited number of steps --------------
+
+
+def test_energy_target_gives_short_directions_to_blocks_with_little_gradient_energy():
+    """Blocks of 10, 100 and 1,000 entries; the large block is flat and almost gradient-free (a LoRA adapter at its
+    B = 0 start): gamma / theta is the same for all three, so the snr target leaves H flat, while the energy target
+    makes H_b inversely proportional to n_b gamma_b (scaled to keep the trace of plain directions)."""
+    sizes = torch.tensor([10.0, 100.0, 1000.0], dtype=torch.float64)
+    theta = torch.tensor([1.0, 0.1, 1e-4], dtype=torch.float64)
+    gamma = torch.tensor([0.1, 0.01, 1e-5], dtype=torch.float64)
+    energy = BlockCurvature([0, 1, 2], sizes.long().tolist(), target="energy", prior=1e-6)
+    snr = BlockCurvature([0, 1, 2], sizes.long().tolist(), target="snr", prior=1e-6)
+    h_snr = snr.snr_preconditioner(theta, gamma)
+    torch.testing.assert_close(h_snr, torch.full_like(h_snr, float(h_snr[0])))
+    inverse = 1.0 / (sizes * gamma)  # 1, 1, 100
+    expected = inverse * float((sizes * theta / inverse).sum() / (sizes * theta).sum())
+    h = energy.energy_preconditioner(theta, gamma)
+    torch.testing.assert_close(h, expected)
+    assert float(h[2] / h[0]) == pytest.approx(100.0)
+    # the floor: a block without gradient energy gets 1 / floor times the largest block's H, not infinity
+    none = energy.energy_preconditioner(theta, torch.tensor([0.1, 0.01, -1.0], dtype=torch.float64))
+    assert float(none[2] / none[0]) == pytest.approx(1.0 / energy.floor)
+    assert energy.energy_preconditioner(theta, torch.zeros(3, dtype=torch.float64)) is None
+    assert energy.energy_preconditioner(-theta, gamma) is None
+    # learned from exact rows, through the trust region
+    state = _exact_rows(energy, theta, gamma, 60)
+    torch.testing.assert_close(state["hessian"], expected, rtol=2e-2, atol=0)
+
+
+def test_curvature_steps_learn_h_then_keep_it():
+    """`curvature_steps=N`: the first N curvature steps are measured with central differences and move H; after
+    them every step is a plain forward-difference step (P + 1 passes, no block factors) with the learned H, and the
+    state stops changing. A checkpoint taken after the switch resumes in the same mode."""
+    params = make_params([20, 20])
+    hs = [torch.full((20,), 1.0, dtype=torch.float64), torch.full((20,), 10.0, dtype=torch.float64)]
+    P, N = 3, 12
+    opt = HiSoOptimizer(params, lr=1e-3, num_directions=P, curvature=True, curvature_steps=N, seed=5)
+    passes, learned = [], None
+    for t in range(N + 6):
+        seed = opt.current_seed()
+        if t == N:
+            learned = copy.deepcopy(opt.state["curvature"])
+            assert not opt.curvature.is_curvature_step(seed, opt.state["curvature"])
+            assert torch.equal(opt.curvature.block_factors(seed, P, opt.state["curvature"]), torch.ones(P, 2).double())
+        opt.step(quadratic(hs, params))
+        passes.append(opt.last_forward_passes)
+    assert passes == [2 * P + 1] * N + [P + 1] * 6
+    state = opt.state["curvature"]
+    assert state["updates"] == N and state["rows"] == N * P
+    assert float(state["hessian"][1] / state["hessian"][0]) > 2  # learned: the stiff block has the larger H
+    for key in ("gram", "theta", "hessian"):
+        assert torch.equal(state[key], learned[key])
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    resumed = HiSoOptimizer(copies, lr=1e-3, num_directions=P, curvature=True, curvature_steps=N, seed=5)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    opt.step(quadratic(hs, params))
+    resumed.step(quadratic(hs, copies))
+    assert resumed.last_forward_passes == P + 1
+    for a, b in zip(params, copies, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_federated_energy_target_with_curvature_steps_replays_and_counts_bytes(tmp_path):
+    """A federation (two local steps a round) that learns H with the energy target on its first 4 curvature steps:
+    rounds 0 and 1 carry the curvature scalars, later rounds only slopes (the ledger counts `P * (tau + k)` scalars
+    per client, `k` = 2, 2, 0, 0, 0), and a replica rebuilt from the history holds the same model and state."""
+    rounds, tau, P = 5, 2, 3
+    kw = {"max_steps": rounds, "zo_num_directions": P, "zo_curvature": True, "per_device_train_batch_size": 4}
+    kw |= {"zo_curvature_target": "energy", "zo_curvature_steps": 4}
+    callback = FederatedZOCallback(num_clients=3, clients_per_round=2, local_steps=tau, history_retention="all")
+    trainer = HiSoTrainer(
+        model=_lora(tiny_bert()), args=hiso_args(tmp_path, **kw), train_dataset=toy_dataset(32), callbacks=[callback]
+    )
+    trainer.train()
+    state = trainer.zo_optimizer.state["curvature"]
+    assert state["updates"] == 4 and state["rows"] == 4 * P
+    history = [callback.server.history[r] for r in sorted(callback.server.history)]
+    assert [h.curvatures is not None and bool(torch.isfinite(h.curvatures).any()) for h in history] == [
+        True,
+        True,
+        False,
+        False,
+        False,
+    ]
+    assert callback.ledger.bytes_uplink_total == sum(2 * P * (tau + k) * 4 for k in (2, 2, 0, 0, 0))
+    replica_trainer = HiSoTrainer(
+        model=_lora(tiny_bert()), args=hiso_args(tmp_path / "replica", **kw), train_dataset=toy_dataset(8)
+    )
+    replica_trainer.create_optimizer()
+    replica = replica_trainer.zo_optimizer
+    replay(replica, history)
+    for a, b in zip(replica.params, trainer.zo_optimizer.params, strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=1e-6)
+    for key in ("gram", "moment_grad", "gamma", "hessian"):
+        torch.testing.assert_close(replica.state["curvature"][key], state[key], rtol=1e-9, atol=0)
+
+
+def test_energy_target_masks_and_weighted_regression_find_a_block_with_a_ten_thousandth_of_the_energy():
+    """The energy target's design: block factors are masks (`a**2` is 0 or 2, mean 1) and the squared slopes are
+    regressed with weights `1 / predicted**2`. Four large blocks holding 1e-4 of the gradient energy beside a small
+    block holding the rest (a LoRA adapter at its start beside the head): after 60 curvature steps of Gaussian slopes
+    every large block has H at least 30 times the small block's (the truth is 1e4, the floor 1e3)."""
+    sizes = [2000] * 4 + [200]
+    n = torch.tensor(sizes, dtype=torch.float64)
+    gamma = torch.tensor([1e-8] * 4 + [1e-3], dtype=torch.float64)
+    theta = torch.tensor([1e-5] * 4 + [1e-2], dtype=torch.float64)
+    est = BlockCurvature(list(range(5)), sizes, target="energy")
+    masks = torch.cat([est.block_factors(seed, 5) for seed in range(200)]).square()
+    assert bool(((masks == 0) | (masks - 2).abs().lt(1e-12)).all()) and abs(float(masks.mean()) - 1.0) < 0.05
+    gen = torch.Generator().manual_seed(0)
+    state = est.init_state()
+    for step in range(60):
+        a2 = est.block_factors(1000 + step, 5, state).square()
+        chi = n * (1 + (2 / n).sqrt() * torch.randn(5, 5, generator=gen, dtype=torch.float64))
+        x = a2 * chi / state["hessian"]
+        dots = torch.randn(5, 5, generator=gen, dtype=torch.float64) * (gamma * chi).sqrt()
+        slopes = (a2.sqrt() / state["hessian"].sqrt() * dots).sum(1)
+        est.update(state, x, x @ theta, slopes)
+    h = state["hessian"]
+    assert float((h[:4] / h[4]).min()) >= 30.0
+    assert state["gram_grad"].abs().sum() > 0 and not torch.equal(state["gram_grad"], state["gram"])
