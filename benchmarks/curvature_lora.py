@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -60,6 +59,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from hf_hiso import HiSoOptimizer  # noqa: E402
+from hf_hiso.curvature import role_of  # noqa: E402
 
 METHODS = ("plain", "hiso", "fixed", "head", "block", "block4", "snr", "snr4", "energy", "oracle")
 
@@ -191,12 +191,6 @@ def trainable_model(model, method: str):
     return get_peft_model(model, LoraConfig(r=8, target_modules=["query", "value"], task_type="SEQ_CLS")).eval()
 
 
-def role_blocks(names: list[str]) -> list[str]:
-    """One block per role: tensors whose names agree once the layer numbers are dropped share a block (the 6 layers'
-    query LoRA A matrices are one block), so LoRA + head has 6 blocks instead of 26."""
-    return [re.sub(r"\.\d+\.", ".", n) for n in names]
-
-
 def make_optimizer(
     method: str,
     model,
@@ -233,7 +227,7 @@ def make_optimizer(
         extra["curvature_steps"] = curvature_steps
     every = 4 if method in ("block4", "snr4") else 1
     if blocks == "role":
-        extra["curvature_blocks"] = role_blocks([n for n, _ in named])
+        extra["curvature_blocks"] = [role_of(n) for n, _ in named]  # what zo_curvature_blocks="role" builds
     return HiSoOptimizer(params, curvature=True, curvature_every=every, **common, **extra)
 
 

@@ -75,7 +75,8 @@ in `optimizer.state["curvature"]` and are checkpointed with the optimizer.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -86,7 +87,7 @@ from .zo_estimators import DirectionSource, direction_seed, perturb_
 _STEP_TAG = 0xC0B1C0B1
 _FACTOR_TAG = 0xB10CFAC7
 
-BLOCKINGS = ("tensor", "group")
+BLOCKINGS = ("tensor", "group", "role")
 # What sets the block values of H: the learned curvature alone, or the signal per unit curvature (gamma / theta).
 TARGETS = ("curvature", "snr", "energy")
 # Largest factor by which a block's H may change in one curvature step.
@@ -128,17 +129,43 @@ def check_curvature_settings(
         raise bad("steps", "an integer >= 0 (learn H on this many curvature steps, then keep it; 0: always)", steps)
 
 
+def role_of(name: str) -> str:
+    """A parameter's role: its name without the layer numbers (`encoder.layer.3.attention.self.query.lora_A.weight`
+    -> `encoder.layer.attention.self.query.lora_A.weight`), so the same tensor of every layer shares a block."""
+    return re.sub(r"\.\d+(?=\.|$)", "", name)
+
+
+def role_blocks(model: torch.nn.Module) -> dict[torch.Tensor, str]:
+    """`curvature_blocks` for one block per role (see [`role_of`]): a mapping from each trainable parameter to its
+    role, for `HiSoOptimizer(..., curvature_blocks=role_blocks(model))`. [`HiSoTrainer`] builds it itself for
+    `zo_curvature_blocks="role"`."""
+    return {p: role_of(n) for n, p in model.named_parameters() if p.requires_grad}
+
+
 def block_index(
-    params: Sequence[torch.Tensor], param_groups: Sequence[dict], blocks: str | Sequence[int]
+    params: Sequence[torch.Tensor],
+    param_groups: Sequence[dict],
+    blocks: str | Sequence[Any] | Mapping[torch.Tensor, Any],
 ) -> list[int]:
     """The block of each trainable tensor, in optimizer order: one block per tensor (`"tensor"`), per parameter group
-    (`"group"`), or an explicit sequence of block ids (renumbered `0..B-1` in order of first appearance)."""
+    (`"group"`), a block key per parameter (a mapping such as [`role_blocks`] gives) or an explicit sequence of block
+    ids; keys and ids are renumbered `0..B-1` in order of first appearance."""
     if isinstance(blocks, str):
         if blocks == "tensor":
             return list(range(len(params)))
         if blocks == "group":
             return [g for g, group in enumerate(param_groups) for _ in group["params"]]
+        if blocks == "role":
+            raise ValueError(
+                '`curvature_blocks="role"` needs the parameter names: HiSoTrainer supplies them; with HiSoOptimizer '
+                "pass `curvature_blocks=hf_hiso.curvature.role_blocks(model)`."
+            )
         raise ValueError(f"`curvature_blocks` must be one of {BLOCKINGS} or a sequence of block ids, got {blocks!r}")
+    if isinstance(blocks, Mapping):
+        missing = sum(1 for p in params if p not in blocks)
+        if missing:
+            raise ValueError(f"`curvature_blocks` has no block for {missing} of the {len(params)} trainable tensors.")
+        blocks = [blocks[p] for p in params]
     ids = list(blocks)
     if len(ids) != len(params):
         raise ValueError(f"`curvature_blocks` has {len(ids)} entries for {len(params)} trainable tensors.")

@@ -84,8 +84,9 @@ class ZOArguments:
     zo_curvature_blocks: str = field(
         default="tensor",
         metadata={
-            "help": "Blocks of the curvature preconditioner: 'tensor' (one per trainable tensor) or 'group' (one per "
-            "optimizer parameter group).",
+            "help": "Blocks of the curvature preconditioner: 'tensor' (one per trainable tensor), 'group' (one per "
+            "optimizer parameter group) or 'role' (one per parameter name without its layer numbers: the query LoRA A "
+            "matrices of all layers share a block; fewer unknowns to learn).",
             "choices": list(BLOCKINGS),
         },
     )

@@ -17,6 +17,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+from .curvature import role_blocks
 from .hiso_config import HiSoConfig, ZOArguments, check_trainer_compatibility
 from .zo_optimizer import HiSoOptimizer
 
@@ -119,7 +120,15 @@ class HiSoTrainer(Trainer):
         return opt
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        optimizer = super().create_optimizer(model)
+        configured = self.optimizer_cls_and_kwargs
+        if self.optimizer is None and configured is not None and configured[1].get("curvature_blocks") == "role":
+            # One curvature block per role needs the parameter names, which only the model has.
+            blocks = role_blocks(self.model if model is None else model)
+            self.optimizer_cls_and_kwargs = (configured[0], {**configured[1], "curvature_blocks": blocks})
+        try:
+            optimizer = super().create_optimizer(model)
+        finally:
+            self.optimizer_cls_and_kwargs = configured
         zo = unwrap_optimizer(optimizer)
         if zo is None:
             raise ValueError(f"HiSoTrainer needs a HiSoOptimizer, got {type(optimizer).__name__}.")

@@ -15,8 +15,9 @@ The preconditioner (`state[param]["hessian"]`) and the step counter (`state["his
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -101,8 +102,9 @@ class HiSoOptimizer(torch.optim.Optimizer):
         curvature: replace HiSo's diagonal `H` by the block curvature preconditioner learned from second-difference
             scalars (`hf_hiso.curvature`, an extension; off by default). Curvature steps are measured with central
             differences and report one curvature scalar per direction beside the slope.
-        curvature_blocks: `"tensor"` (one block per trainable tensor), `"group"` (per parameter group) or a block id
-            per tensor.
+        curvature_blocks: `"tensor"` (one block per trainable tensor), `"group"` (per parameter group), a mapping
+            from each trainable parameter to a block key (`hf_hiso.curvature.role_blocks(model)`: one block per role,
+            what `zo_curvature_blocks="role"` builds in [`HiSoTrainer`]) or a block id per tensor.
         curvature_every, curvature_forget, curvature_floor, curvature_spread, curvature_prior, curvature_target,
             curvature_steps: see [`~hf_hiso.curvature.BlockCurvature`] (`every`, ..., `target`, `steps`).
     """
@@ -125,7 +127,7 @@ class HiSoOptimizer(torch.optim.Optimizer):
         seed: int = 42,
         skip_nonfinite: bool = False,
         curvature: bool = False,
-        curvature_blocks: str | Sequence[int] = "tensor",
+        curvature_blocks: str | Sequence[Any] | Mapping[torch.Tensor, Any] = "tensor",
         curvature_every: int = 1,
         curvature_forget: float = 0.99,
         curvature_floor: float = 1e-3,

@@ -640,3 +640,32 @@ def test_energy_target_masks_and_weighted_regression_find_a_block_with_a_ten_tho
     h = state["hessian"]
     assert float((h[:4] / h[4]).min()) >= 30.0
     assert state["gram_grad"].abs().sum() > 0 and not torch.equal(state["gram_grad"], state["gram"])
+
+
+# ---- one block per role ------------------------------------------------------------------------------------------
+
+
+def test_role_blocks_group_the_same_tensor_of_every_layer(tmp_path):
+    """`zo_curvature_blocks="role"`: HiSoTrainer maps each trainable parameter to its name without layer numbers, so
+    a LoRA adapter on query/value of a 2-layer model plus the head has 6 blocks (query/value x A/B, head weight and
+    bias) instead of 10; the optimizer alone refuses the bare string, which it cannot resolve without names."""
+    from hf_hiso.curvature import role_blocks, role_of
+
+    assert role_of("bert.encoder.layer.11.attention.self.query.lora_A.default.weight") == (
+        "bert.encoder.layer.attention.self.query.lora_A.default.weight"
+    )
+    assert role_of("model.layers.0") == "model.layers" and role_of("classifier.weight") == "classifier.weight"
+    model = _lora(tiny_bert())
+    roles = role_blocks(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(trainable) == 10 and len(set(roles.values())) == 6
+    kw = {"max_steps": 2, "zo_num_directions": 3, "zo_curvature": True, "zo_curvature_blocks": "role"}
+    trainer = HiSoTrainer(model=model, args=hiso_args(tmp_path, **kw), train_dataset=toy_dataset(16))
+    trainer.train()
+    est = trainer.zo_optimizer.curvature
+    assert est.num_blocks == 6 and int(est.block_sizes.sum()) == sum(p.numel() for p in trainable)
+    assert trainer.optimizer_cls_and_kwargs[1]["curvature_blocks"] == "role"  # the config is left as it was
+    with pytest.raises(ValueError, match="role_blocks"):
+        HiSoOptimizer(trainable, curvature=True, curvature_blocks="role")
+    with pytest.raises(ValueError, match="no block for 1 of the 10"):
+        HiSoOptimizer(trainable, curvature=True, curvature_blocks=dict.fromkeys(trainable[1:], "x"))
