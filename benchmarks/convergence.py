@@ -14,6 +14,9 @@ Methods, all on the same client splits, client batches, sampled clients and roun
 * `block` (opt-in, mode `curvature`; not part of `full`): HiSo with the block curvature extension
   (`zo_curvature=True`, `docs/curvature.md`), central difference (2P + 1 passes per step, 2 scalars per direction
   uploaded and counted by the ledger), other settings as `hiso`.
+* `energy` (opt-in, mode `curvature`): `zo_curvature_target="energy"` (block values inversely proportional to each
+  block's gradient energy) learned on the first 100 rounds (`zo_curvature_steps=100`, central differences and the
+  curvature scalar there), then plain forward-difference rounds with the learned block scale;
 * `snr`, `snr4` (opt-in, mode `curvature`): `block` with `zo_curvature_target="snr"` (block values from the gradient
   signal per unit curvature); `snr4` estimates on a quarter of the rounds only (`zo_curvature_every=4`: forward
   differences and one scalar per direction on the other rounds).
@@ -31,8 +34,8 @@ the plots from whatever has finished.
     python benchmarks/convergence.py --mode full --report    # tables and plots from the finished runs
     python benchmarks/convergence.py --mode curvature        # the curvature methods, into the full mode's results
 
-`--mode curvature` runs the `block`, `snr` and `snr4` methods on the full mode's grid, seeds and rounds, paper
-federation only, into the full mode's results directory; its report (also appended to `--mode full --report` once
+`--mode curvature` runs the `block`, `snr`, `snr4` and `energy` methods on the full mode's grid, seeds and rounds,
+paper federation only, into the full mode's results directory; its report (also appended to `--mode full --report` once
 block runs exist) compares them with HiSo and DeComFL at each one's best lr: final accuracy, and rounds, bytes and
 forward passes to DeComFL's best accuracy.
 """
@@ -91,6 +94,7 @@ CURVATURE_SETTINGS = {
     "block": {"zo_curvature": True, "zo_difference": "central"},
     "snr": {"zo_curvature": True, "zo_curvature_target": "snr", "zo_difference": "central"},
     "snr4": {"zo_curvature": True, "zo_curvature_target": "snr", "zo_curvature_every": 4},
+    "energy": {"zo_curvature": True, "zo_curvature_target": "energy", "zo_curvature_steps": 100},
 }
 CURVATURE_METHODS = tuple(CURVATURE_SETTINGS)
 # What the curvature report compares, at each one's best lr (the curvature methods that have runs).
@@ -103,8 +107,18 @@ LABELS = {
     "block": "HiSo + block curv.",
     "snr": "block, snr target",
     "snr4": "snr, every 4th",
+    "energy": "energy, first 100",
 }
-COLORS = {"hiso": "C3", "decomfl": "C0", "mezo": "C2", "fedavg": "C7", "block": "C1", "snr": "C4", "snr4": "C5"}
+COLORS = {
+    "hiso": "C3",
+    "decomfl": "C0",
+    "mezo": "C2",
+    "fedavg": "C7",
+    "block": "C1",
+    "snr": "C4",
+    "snr4": "C5",
+    "energy": "C6",
+}
 
 
 @dataclass(frozen=True)

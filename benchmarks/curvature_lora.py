@@ -37,6 +37,7 @@ puts the tensors whose names agree once the layer numbers are dropped into one b
     python benchmarks/curvature_lora.py --method block --lr 0.1 --steps 300 \\
         --out benchmarks/results/curvature_lora/block_lr0.1.json
     python benchmarks/curvature_lora.py --report benchmarks/results/curvature_lora    # tables from the saved records
+    python benchmarks/curvature_lora.py --seed-report DIR [DIR ...]    # mean over seeds of each configuration
 
 The report takes each method at its best lr (best mean accuracy over the last two evaluations) and gives the accuracy
 at equal steps and at equal forward passes (the passes plain ZO-SGD spends in the run's steps), and the steps and
@@ -48,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -348,9 +350,50 @@ def report(results_dir: Path) -> dict:
     return table
 
 
+def seed_report(dirs: list[Path]) -> dict:
+    """Prints, for each configuration (method and `lr_label`) found in the records under `dirs`, the accuracy at each
+    evaluation step as the mean over its seeds (per seed in brackets), the passes at the last step, and the first
+    step at which the seed-mean curve reaches the head-alone run's seed-mean at its last step. Returns the table."""
+    runs: dict[tuple[str, str], dict[int, dict]] = {}
+    for d in dirs:
+        for path in sorted(d.glob("*.json")):
+            r = json.loads(path.read_text())
+            if "evals" not in r or not r["evals"] or r["evals"][-1]["step"] < 300:
+                continue  # a report file or a stopped run
+            # Older records do not hold their seed: it is in the file name (`_s1`), seed 0 without one.
+            found = re.search(r"_s(\d+)(?:_|\.json$)", path.name)
+            seed = r.get("seed", int(found.group(1)) if found else 0)
+            runs.setdefault((r["method"], lr_label(r)), {})[seed] = r
+    table = {}
+    for key, by_seed in sorted(runs.items()):
+        seeds = sorted(by_seed)
+        steps = [e["step"] for e in by_seed[seeds[0]]["evals"]]
+        per_step = {}
+        for i, step in enumerate(steps):
+            accs = [by_seed[s]["evals"][i]["accuracy"] for s in seeds if len(by_seed[s]["evals"]) > i]
+            per_step[step] = {"mean": sum(accs) / len(accs), "seeds": accs}
+        passes = sum(by_seed[s]["evals"][-1]["passes"] for s in seeds) / len(seeds)
+        table[key] = {"seeds": seeds, "accuracy": per_step, "passes": passes}
+    head = next((v for (m, _), v in table.items() if m == "head" and len(v["seeds"]) > 1), None)
+    target = None if head is None else head["accuracy"][max(head["accuracy"])]["mean"]
+    print(f"seed-mean accuracy (per seed in brackets); target: head alone's seed mean at its last step = {target}")
+    for (method, label), row in table.items():
+        cells = "  ".join(
+            f"{step}:{v['mean']:.3f}[{'/'.join(f'{a:.3f}' for a in v['seeds'])}]"
+            for step, v in row["accuracy"].items()
+            if step > 0
+        )
+        hits = [st for st, v in row["accuracy"].items() if target is not None and v["mean"] >= target]
+        reach = hits[0] if hits else None
+        row["reach_head"] = reach
+        print(f"  {method:7s} {label:24s} seeds {row['seeds']} passes {row['passes']:.0f}  {cells}  reach {reach}")
+    return {f"{m} {lbl}": v for (m, lbl), v in table.items()}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--report", type=Path, default=None, help="print the tables from the records in this folder")
+    parser.add_argument("--seed-report", type=Path, nargs="+", default=None, help="mean over seeds per configuration")
     parser.add_argument("--method", choices=METHODS)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--steps", type=int, default=300)
@@ -384,6 +427,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.report is not None:
         return report(args.report)
+    if args.seed_report is not None:
+        return seed_report(args.seed_report)
     if args.method is None or args.lr is None:
         parser.error("--method and --lr are required (or --report DIR)")
     torch.set_num_threads(args.threads)
@@ -407,8 +452,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     gen = torch.Generator().manual_seed(args.seed)
     n_train = train["labels"].shape[0]
-    record = {"method": args.method, "lr": args.lr, "warmup": args.warmup, "trainable": d, "evals": []}
-    record["blocks"] = args.blocks
+    record = {"method": args.method, "lr": args.lr, "warmup": args.warmup, "seed": args.seed, "trainable": d}
+    record |= {"blocks": args.blocks, "evals": []}
     if est is not None:
         record["curvature"] = {"floor": est.floor, "spread": est.spread, "every": est.every, "forget": est.forget}
         record["curvature"] |= {"target": est.target, "steps": est.steps}
