@@ -277,6 +277,7 @@ def lr_label(record: dict) -> str:
     warmup = record.get("warmup", 0)
     label = f"{record['lr']:g}" + (f"w{warmup}" if warmup else "")
     label += "/role" if record.get("blocks") == "role" else ""
+    label += "/trainer" if record.get("trainer") else ""
     spread = record.get("curvature", {}).get("spread", 0.75)
     label += f"/spread{spread:g}" if spread != 0.75 and record["method"] != "energy" else ""
     steps = record.get("curvature", {}).get("steps", 0)
@@ -390,6 +391,68 @@ def seed_report(dirs: list[Path]) -> dict:
     return {f"{m} {lbl}": v for (m, lbl), v in table.items()}
 
 
+def run_trainer(args, model, train, val) -> dict:
+    """The `energy` run through the product path: `HiSoTrainer` with `HiSoConfig` fields only (role blocks built by
+    the trainer, `lr_scheduler_type="constant_with_warmup"`, the Trainer's own data order and evaluation with
+    `build_compute_metrics`). Returns the record (evaluations every `--eval-every` steps)."""
+    import tempfile
+
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    from hf_hiso import HiSoConfig, HiSoTrainer
+    from hf_hiso.metrics import build_compute_metrics
+
+    record = {"method": args.method, "lr": args.lr, "warmup": args.warmup, "seed": args.seed, "trainer": True}
+    record |= {"blocks": args.blocks, "evals": []}
+
+    class Record(TrainerCallback):
+        def on_evaluate(self, _args, state, control, metrics=None, **kwargs):
+            entry = {"step": state.global_step, "passes": trainer.zo_forward_passes}
+            entry |= {"accuracy": metrics["eval_accuracy"], "seconds": time.time() - t0}
+            entry |= block_summary(model, trainer.zo_optimizer)
+            record["evals"].append(entry)
+            print(json.dumps(entry), flush=True)
+
+    with tempfile.TemporaryDirectory() as out:
+        config = HiSoConfig(
+            output_dir=out,
+            max_steps=args.steps,
+            per_device_train_batch_size=args.batch_size,
+            per_device_eval_batch_size=250,
+            learning_rate=args.lr,
+            lr_scheduler_type="constant_with_warmup",
+            warmup_steps=args.warmup,
+            eval_strategy="steps",
+            eval_steps=args.eval_every,
+            save_strategy="no",
+            report_to="none",
+            seed=args.seed,
+            use_cpu=True,
+            zo_num_directions=5,
+            zo_eps=1e-3,
+            zo_curvature=True,
+            zo_curvature_target="energy",
+            zo_curvature_blocks=args.blocks,
+            zo_curvature_steps=args.curvature_steps,
+        )
+        trainer = HiSoTrainer(
+            model=model,
+            args=config,
+            train_dataset=Dataset.from_dict({k: v.tolist() for k, v in train.items()}),
+            eval_dataset=Dataset.from_dict({k: v.tolist() for k, v in val.items()}),
+            compute_metrics=build_compute_metrics(None, 2, backend="scikit-learn"),
+            callbacks=[Record()],
+        )
+        t0 = time.time()
+        trainer.train()
+    est = trainer.zo_optimizer.curvature
+    record["trainable"] = sum(p.numel() for p in trainer.zo_optimizer.params)
+    record["curvature"] = {"floor": est.floor, "spread": est.spread, "every": est.every, "forget": est.forget}
+    record["curvature"] |= {"target": est.target, "steps": est.steps, "blocks": est.num_blocks}
+    return record
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--report", type=Path, default=None, help="print the tables from the records in this folder")
@@ -420,6 +483,9 @@ def main(argv: list[str] | None = None) -> dict:
         "block (H_b ~ 1 / (n_b gamma_b))",
     )
     parser.add_argument("--oracle-freeze", type=int, default=0, help="the oracle's H stays fixed after this step")
+    parser.add_argument(
+        "--trainer", action="store_true", help="`energy` only: run through HiSoTrainer + HiSoConfig (the product path)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the run's record")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1 is about 5x faster than 2 on a busy 2-core machine)"
@@ -435,6 +501,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     model, train, val = load(args.max_length, args.val_size, args.seed)
     model = trainable_model(model, args.method)
+    if args.trainer:
+        if args.method != "energy":
+            parser.error("--trainer runs the `energy` method only")
+        record = run_trainer(args, model, train, val)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(record, indent=1))
+        return record
     opt = make_optimizer(
         args.method, model, args.lr, args.seed, args.floor, args.blocks, args.spread, args.curvature_steps
     )

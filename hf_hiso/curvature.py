@@ -88,7 +88,8 @@ _STEP_TAG = 0xC0B1C0B1
 _FACTOR_TAG = 0xB10CFAC7
 
 BLOCKINGS = ("tensor", "group", "role")
-# What sets the block values of H: the learned curvature alone, or the signal per unit curvature (gamma / theta).
+# What sets the block values of H: the learned curvature alone, the signal per unit curvature (gamma / theta), or the
+# block's gradient energy alone (n_b gamma_b).
 TARGETS = ("curvature", "snr", "energy")
 # Largest factor by which a block's H may change in one curvature step.
 MAX_STEP = 2.0
@@ -276,10 +277,15 @@ class BlockCurvature:
                 )
             # A checkpoint from before the gradient moment: the curvature target does not use it.
             state["moment_grad"] = torch.zeros(self.num_blocks, dtype=torch.float64)
-        if "gram_grad" not in state:
-            # Saved before the energy target: the other targets do not use it (an energy state always has it).
-            state["gram_grad"] = torch.zeros(self.num_blocks, self.num_blocks, dtype=torch.float64)
             state["gamma"] = torch.full((self.num_blocks,), float("nan"), dtype=torch.float64)
+        if "gram_grad" not in state:
+            if self.target == "energy":
+                raise ValueError(
+                    "The saved curvature state was not built by the energy target (no `gram_grad`): it cannot resume "
+                    'with `curvature_target="energy"`.'
+                )
+            # Saved before the energy target existed: the other targets do not use it.
+            state["gram_grad"] = torch.zeros(self.num_blocks, self.num_blocks, dtype=torch.float64)
 
     # ---- what every party derives from a seed ---------------------------------------------------------------------
 

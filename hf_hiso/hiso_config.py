@@ -123,7 +123,7 @@ class ZOArguments:
         default="curvature",
         metadata={
             "help": "What sets the block values of the curvature preconditioner: 'curvature' (H_b proportional to the "
-            "learned block curvature theta_b) or 'snr' (H_b proportional to theta_b / gamma_b, gamma_b the mean "
+            "learned block curvature theta_b), 'snr' (H_b proportional to theta_b / gamma_b, gamma_b the mean "
             "squared gradient per entry learned from the squared slopes: long directions for the blocks with the "
             "most gradient signal per unit curvature) or 'energy' (H_b inversely proportional to the block's gradient "
             "energy n_b gamma_b: short directions for blocks that hold little of the gradient, such as a LoRA adapter "

@@ -517,6 +517,19 @@ def test_old_checkpoint_without_gradient_moment():
     snr = HiSoOptimizer(make_params([10, 30]), lr=1e-3, curvature=True, curvature_target="snr", seed=1)
     with pytest.raises(ValueError, match="moment_grad"):
         snr.load_state_dict(copy.deepcopy(sd))
+    # A state saved before the energy target (no `gram_grad`) resumes with the snr target, gamma intact, and is refused
+    # with the energy target, whose weighted regression it never had.
+    snr_opt = HiSoOptimizer(params, lr=1e-3, curvature=True, curvature_target="snr", seed=1)
+    snr_opt.step(quadratic(hs, params))
+    before = copy.deepcopy(snr_opt.state_dict())
+    del before["state"]["curvature"]["gram_grad"]
+    resumed = HiSoOptimizer(make_params([10, 30]), lr=1e-3, curvature=True, curvature_target="snr", seed=1)
+    resumed.load_state_dict(copy.deepcopy(before))
+    assert torch.equal(resumed.state["curvature"]["gamma"], snr_opt.state["curvature"]["gamma"])
+    assert torch.isfinite(resumed.state["curvature"]["gamma"]).all()
+    energy = HiSoOptimizer(make_params([10, 30]), lr=1e-3, curvature=True, curvature_target="energy", seed=1)
+    with pytest.raises(ValueError, match="gram_grad"):
+        energy.load_state_dict(copy.deepcopy(before))
 
 
 # ---- gradient-energy target (curvature_target="energy") and learning H for a limited number of steps --------------
