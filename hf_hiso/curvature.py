@@ -60,8 +60,8 @@ ratio of the two does not separate them from the head; `docs/curvature.md`). To 
 the energy from one with a hundredth, this target uses its own design: *masks* instead of uniform factors (`a**2 = 2`
 or `0` with probability 1/2 each, still mean 1), so that some directions leave out the blocks that dominate the
 slope, and a weighted regression for `gamma` (a squared slope is `E[g**2 | z]` times a chi-square(1) variable, so its
-variance is `2 E[g**2 | z]**2`; each row gets the weight `1 / max(x_p . gamma^+, 1e-3 max_p x_p . gamma^+)**2` from the
-estimate before the step, `1` on the first step; `gram_grad` holds the weighted `R`). The rows that leave out the
+variance is `2 E[g**2 | z]**2`; each row gets the weight `1 / max(x_p . gamma^+, 0.01 max_p x_p . gamma^+)**2` from
+the estimate before the step, `1` on the first step; `gram_grad` holds the weighted `R`). The rows that leave out the
 head then weigh most and measure the adapter's energy alone. With `steps = N > 0`, `H` is learned on
 the first `N` curvature steps only and then kept: later steps are plain steps with the learned block scale (no
 factors, the configured difference, no curvature scalars). Learning it throughout lets a feedback loop in: the random
@@ -93,6 +93,10 @@ BLOCKINGS = ("tensor", "group", "role")
 TARGETS = ("curvature", "snr", "energy")
 # Largest factor by which a block's H may change in one curvature step.
 MAX_STEP = 2.0
+# The energy target's row weights 1 / predicted**2 are floored at this share of the step's largest prediction, so no
+# row weighs more than 1 / ENERGY_WEIGHT_FLOOR**2 times another: with 1e-3 (1e6 times) a few rows with a small
+# prediction and a batch whose gradient happens to be large throw the estimate off (`benchmarks/energy_weights.py`).
+ENERGY_WEIGHT_FLOOR = 1e-2
 
 
 def check_curvature_settings(
@@ -397,13 +401,14 @@ class BlockCurvature:
 
     @staticmethod
     def row_weights(gamma: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """Weights of the `"energy"` target's rows: `1 / max(x_p . gamma^+, 1e-3 max_p x_p . gamma^+)**2`, the inverse
-        variance of a squared slope up to a constant, from the estimate before the rows; ones without an estimate."""
+        """Weights of the `"energy"` target's rows: `1 / max(x_p . gamma^+, c max_p x_p . gamma^+)**2` (`c =
+        ENERGY_WEIGHT_FLOOR`), the inverse variance of a squared slope up to a constant, from the estimate before the
+        rows; ones without an estimate."""
         predicted = features @ gamma.clamp_min(0.0)
         top = float(predicted.max()) if predicted.numel() else 0.0
         if not top > 0.0 or not math.isfinite(top):
             return torch.ones(features.shape[0], dtype=torch.float64)
-        return predicted.clamp_min(1e-3 * top).pow(-2.0)
+        return predicted.clamp_min(ENERGY_WEIGHT_FLOOR * top).pow(-2.0)
 
     def normalise(self, hessian: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         """Rescales `H`: to mean 1 over entries (`target="curvature"`, where that also keeps the trace below), or
