@@ -127,3 +127,39 @@ def test_ablation_short(tmp_path):
     # The closed-form Hessian diagonal agrees with autograd's Hessian-vector products.
     assert look["diag_check_max_rel_error"] < 1e-3
     assert (tmp_path / "ablation_short.png").exists()
+
+
+def test_energy_weights_simulation_weighting_beats_unweighted():
+    """`benchmarks/energy_weights.py`: over 10 simulated runs of the LoRA + head blocks, the energy target's weighted
+    regression leaves fewer runs with a learned H that does not make every LoRA role 10x shorter than the head."""
+    import energy_weights
+
+    def bad(floor, power):
+        runs = [energy_weights.simulate(floor, power, seed) for seed in range(10)]
+        return sum(1 for ratio, head, _ in runs if ratio < 10 or head > 3)
+
+    assert bad(1e-2, 2) < bad(1.0, 0)
+
+
+def test_curvature_lora_seed_report(tmp_path, capsys):
+    """`curvature_lora.py --seed-report`: seed means per configuration, the seed taken from the record or the file
+    name, stopped runs (fewer than 300 steps) left out, and the step at which the seed-mean curve reaches the
+    head-alone runs' mean at their last step."""
+    import curvature_lora
+
+    def record(method, accs, **extra):
+        evals = [{"step": 100 * i, "passes": 600 * i, "accuracy": a} for i, a in enumerate(accs)]
+        return {"method": method, "lr": 0.1, "evals": evals, **extra}
+
+    (tmp_path / "head_lr0.1.json").write_text(json.dumps(record("head", [0.5, 0.7, 0.74, 0.78])))
+    (tmp_path / "head_lr0.1_s1.json").write_text(json.dumps(record("head", [0.5, 0.7, 0.74, 0.76])))
+    runs = {"energy_a.json": ([0.5, 0.7, 0.78, 0.8], 0), "energy_b.json": ([0.5, 0.72, 0.76, 0.78], 1)}
+    for name, (accs, seed) in runs.items():
+        (tmp_path / name).write_text(json.dumps(record("energy", accs, seed=seed, blocks="role")))
+    (tmp_path / "energy_stopped.json").write_text(json.dumps(record("energy", [0.5, 0.3], seed=2, blocks="role")))
+    table = curvature_lora.seed_report([tmp_path])
+    head, energy = table["head 0.1"], table["energy 0.1/role"]
+    assert head["seeds"] == [0, 1] and energy["seeds"] == [0, 1]
+    assert energy["accuracy"][200]["mean"] == pytest.approx(0.77)
+    assert energy["reach_head"] == 200 and head["reach_head"] == 300  # the target is the head's mean 0.77
+    assert "energy" in capsys.readouterr().out
