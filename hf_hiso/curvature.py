@@ -60,8 +60,9 @@ ratio of the two does not separate them from the head; `docs/curvature.md`). To 
 the energy from one with a hundredth, this target uses its own design: *masks* instead of uniform factors (`a**2 = 2`
 or `0` with probability 1/2 each, still mean 1), so that some directions leave out the blocks that dominate the
 slope, and a weighted regression for `gamma` (a squared slope is `E[g**2 | z]` times a chi-square(1) variable, so its
-variance is `2 E[g**2 | z]**2`; each row gets the weight `1 / max(x_p . gamma^+, 0.01 max_p x_p . gamma^+)**2` from
-the estimate before the step, `1` on the first step; `gram_grad` holds the weighted `R`). The rows that leave out the
+variance is `2 E[g**2 | z]**2`: each row gets the weight `forget**age / max(x_p . gamma^+, 0.01 max_p x_p .
+gamma^+)**2`, refitted by iteratively reweighted least squares over the kept rows on every curvature step, five rounds
+from the unweighted fit; `gram_grad` holds the last weighted `R`). The rows that leave out the
 head then weigh most and measure the adapter's energy alone. With `steps = N > 0`, `H` is learned on
 the first `N` curvature steps only and then kept: later steps are plain steps with the learned block scale (no
 factors, the configured difference, no curvature scalars). Learning it throughout lets a feedback loop in: the random
@@ -97,6 +98,10 @@ MAX_STEP = 2.0
 # row weighs more than 1 / ENERGY_WEIGHT_FLOOR**2 times another: with 1e-3 (1e6 times) a few rows with a small
 # prediction and a batch whose gradient happens to be large throw the estimate off (`benchmarks/energy_weights.py`).
 ENERGY_WEIGHT_FLOOR = 1e-2
+# Rounds of solve-and-reweight in the energy target's fit of `gamma` (the first is unweighted). Reweighting each row
+# once, from the estimate before its step, left a quarter of the simulated LoRA + head runs with a wrong H; five rounds
+# over the kept rows, none of 60 (`benchmarks/energy_weights.py --irls 5`).
+IRLS_ROUNDS = 5
 
 
 def check_curvature_settings(
@@ -245,8 +250,9 @@ class BlockCurvature:
 
     def init_state(self) -> dict[str, Any]:
         """`gram` (`R`, `B x B`), `moment` (`r`), `moment_grad` (`r_g`, the moment of the squared slopes),
-        `gram_grad` (the weighted `R` of the `"energy"` target's regression for `gamma`; unused otherwise), `theta` and
-        `gamma` (NaN until the first estimate), `hessian` (`H_b`, ones),
+        `gram_grad` (the weighted `R` of the `"energy"` target's regression for `gamma`; unused otherwise), the energy
+        target's kept rows `rows_x`, `rows_y` (squared slopes) and `rows_update` (the curvature step of each),
+        `theta` and `gamma` (NaN until the first estimate), `hessian` (`H_b`, ones),
         `weight` (`N`, discounted rows), `rows` (rows used), `updates` (curvature steps used) and `skipped_rows`
         (non-finite `c`)."""
         b = self.num_blocks
@@ -255,6 +261,9 @@ class BlockCurvature:
             "moment": torch.zeros(b, dtype=torch.float64),
             "moment_grad": torch.zeros(b, dtype=torch.float64),
             "gram_grad": torch.zeros(b, b, dtype=torch.float64),
+            "rows_x": torch.zeros(0, b, dtype=torch.float64),
+            "rows_y": torch.zeros(0, dtype=torch.float64),
+            "rows_update": torch.zeros(0, dtype=torch.float64),
             "theta": torch.full((b,), float("nan"), dtype=torch.float64),
             "gamma": torch.full((b,), float("nan"), dtype=torch.float64),
             "hessian": torch.ones(b, dtype=torch.float64),
@@ -290,6 +299,11 @@ class BlockCurvature:
                 )
             # Saved before the energy target existed: the other targets do not use it.
             state["gram_grad"] = torch.zeros(self.num_blocks, self.num_blocks, dtype=torch.float64)
+        if "rows_x" not in state:
+            # Saved before the energy target kept its rows: the fit restarts from the rows that come.
+            state["rows_x"] = torch.zeros(0, self.num_blocks, dtype=torch.float64)
+            state["rows_y"] = torch.zeros(0, dtype=torch.float64)
+            state["rows_update"] = torch.zeros(0, dtype=torch.float64)
 
     # ---- what every party derives from a seed ---------------------------------------------------------------------
 
@@ -368,9 +382,11 @@ class BlockCurvature:
             # E[g_p**2 | z_p] = sum_b gamma_b x_{p,b}: the same features as for the curvature.
             squares = slopes.double()[keep].square()
             if self.target == "energy":
-                weighted = x * self.row_weights(state["gamma"], x)[:, None]
-                state["gram_grad"] = self.forget * state["gram_grad"] + weighted.T @ x
-                state["moment_grad"] = self.forget * state["moment_grad"] + weighted.T @ squares
+                # The rows themselves are kept (a learning phase holds at most `steps * P` of them): `gamma` is
+                # refitted below by iteratively reweighted least squares over all of them.
+                state["rows_x"] = torch.cat([state["rows_x"], x])
+                state["rows_y"] = torch.cat([state["rows_y"], squares])
+                state["rows_update"] = torch.cat([state["rows_update"], torch.full((len(c),), state["updates"] + 1.0)])
             else:
                 state["moment_grad"] = self.forget * state["moment_grad"] + x.T @ squares
         state["weight"] = self.forget * state["weight"] + len(c)
@@ -379,9 +395,10 @@ class BlockCurvature:
         ridge = self.prior * self.forget ** state["updates"] / state["weight"]
         theta = self.solve(state["gram"], state["moment"], ridge)
         state["theta"] = theta
-        if slopes is not None:
-            gram = state["gram_grad"] if self.target == "energy" else state["gram"]
-            state["gamma"] = self.solve(gram, state["moment_grad"], ridge)
+        if slopes is not None and self.target == "energy":
+            state["gamma"] = self.refit_energy(state, ridge)
+        elif slopes is not None:
+            state["gamma"] = self.solve(state["gram"], state["moment_grad"], ridge)
         if self.target == "snr":
             target = self.snr_preconditioner(theta, state["gamma"])
         elif self.target == "energy":
@@ -399,11 +416,33 @@ class BlockCurvature:
         moved = torch.minimum(torch.maximum(target, old / MAX_STEP), old * MAX_STEP)
         state["hessian"] = self.normalise(moved, theta)
 
+    def refit_energy(self, state: dict[str, Any], ridge: float) -> torch.Tensor:
+        """`gamma` for the `"energy"` target: iteratively reweighted least squares over the kept rows (`IRLS_ROUNDS`
+        rounds of solve and reweight, weights `forget**age * row_weights`), starting from the unweighted fit. Rows
+        whose forgetting weight has fallen below `1e-4` are dropped. Leaves the last weighted `R` and `r_g` in
+        `gram_grad` and `moment_grad`."""
+        age = state["updates"] - state["rows_update"]
+        decay = torch.full_like(age, self.forget).pow(age)
+        keep = decay >= 1e-4
+        if not bool(keep.all()):
+            for key in ("rows_x", "rows_y", "rows_update"):
+                state[key] = state[key][keep]
+            decay = decay[keep]
+        x, y = state["rows_x"], state["rows_y"]
+        weights = decay
+        gamma = state["gamma"]
+        for _ in range(IRLS_ROUNDS):
+            weighted = x * weights[:, None]
+            state["gram_grad"], state["moment_grad"] = weighted.T @ x, weighted.T @ y
+            gamma = self.solve(state["gram_grad"], state["moment_grad"], ridge)
+            weights = decay * self.row_weights(gamma, x)
+        return gamma
+
     @staticmethod
     def row_weights(gamma: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """Weights of the `"energy"` target's rows: `1 / max(x_p . gamma^+, c max_p x_p . gamma^+)**2` (`c =
-        ENERGY_WEIGHT_FLOOR`), the inverse variance of a squared slope up to a constant, from the estimate before the
-        rows; ones without an estimate."""
+        ENERGY_WEIGHT_FLOOR`), the inverse variance of a squared slope up to a constant, from an estimate of `gamma`;
+        ones without an estimate."""
         predicted = features @ gamma.clamp_min(0.0)
         top = float(predicted.max()) if predicted.numel() else 0.0
         if not top > 0.0 or not math.isfinite(top):

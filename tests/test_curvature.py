@@ -231,8 +231,10 @@ def test_state_dict_round_trip_and_wrong_blocks(target):
     copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
     opt2 = HiSoOptimizer(copies, lr=1e-3, curvature=True, curvature_target=target, seed=1)
     opt2.load_state_dict(sd)
-    for key in ("gram", "moment", "moment_grad", "gram_grad", "theta", "gamma", "hessian"):
+    for key in ("gram", "moment", "moment_grad", "gram_grad", "rows_x", "rows_y", "theta", "gamma", "hessian"):
         torch.testing.assert_close(opt2.state["curvature"][key], opt.state["curvature"][key], rtol=0, atol=0)
+    if target == "energy":
+        assert opt.state["curvature"]["rows_x"].shape == (5 * opt.num_directions, 2)
     opt.step(quadratic(hs, params))
     opt2.step(quadratic(hs, copies))
     for a, b in zip(params, copies, strict=True):
@@ -559,6 +561,10 @@ def test_energy_target_gives_short_directions_to_blocks_with_little_gradient_ene
     # learned from exact rows, through the trust region
     state = _exact_rows(energy, theta, gamma, 60)
     torch.testing.assert_close(state["hessian"], expected, rtol=2e-2, atol=0)
+    # the kept rows: those whose forgetting weight forget**age is still >= 1e-4 (with forget 0.5: ages 0 to 13)
+    forgetful = BlockCurvature([0, 1, 2], sizes.long().tolist(), target="energy", forget=0.5)
+    short = _exact_rows(forgetful, theta, gamma, 30)
+    assert short["rows_x"].shape == (14 * 3, 3) and short["rows_update"].min() == 30 - 13
 
 
 def test_curvature_steps_learn_h_then_keep_it():
