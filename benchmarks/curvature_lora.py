@@ -78,8 +78,9 @@ class FixedPreconditionerOptimizer(HiSoOptimizer):
         self._scales = None
 
 
-class OracleSnr:
-    """The snr target's `H` per tensor from backprop: `gamma_b = ||grad_b||**2 / n_b` on the step's batch and `theta_b`
+class Oracle:
+    """The `H` of the snr target (or, with `target`, of `1 / gamma_b` or the energy target) per tensor from backprop:
+    `gamma_b = ||grad_b||**2 / n_b` on the step's batch and `theta_b`
     from `samples` Hutchinson samples `v_b . (Hess v)_b / n_b`, `Hess v ~ (grad(x + e v) - grad(x - e v)) / 2e`, each
     an average with weight `decay` on the old value; `H` then moves as the library's does (at most a factor
     `MAX_STEP` per update toward the target, then normalised)."""
@@ -153,14 +154,7 @@ class OracleSnr:
             return {}
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         h = [float(self.opt.state[p]["hessian"].flatten()[0]) for p in self.opt.params]
-        out: dict[str, list[float]] = {}
-        for i, name in enumerate(names):
-            kind = "lora_A" if "lora_A" in name else "lora_B" if "lora_B" in name else "head"
-            kind += "_bias" if kind == "head" and name.endswith("bias") else ""
-            out.setdefault(f"theta_{kind}", []).append(float(self.theta[i]))
-            out.setdefault(f"gamma_{kind}", []).append(float(self.gamma[i]))
-            out.setdefault(f"H_{kind}", []).append(h[i])
-        return {k: sum(v) / len(v) for k, v in out.items()}
+        return kind_summary(names, {"theta": self.theta.tolist(), "gamma": self.gamma.tolist(), "H": h})
 
 
 def load(max_length: int, val_size: int, seed: int):
@@ -243,26 +237,32 @@ def accuracy(model, val, batch_size: int = 250) -> float:
     return correct / n
 
 
+def kind_summary(names: list[str], per_tensor: dict[str, list[float]]) -> dict[str, float]:
+    """Means of per-tensor values (`{"theta": [...], "H": [...]}`) over the LoRA A, LoRA B, head weight and head bias
+    tensors (`H_lora_A`, ...), and `H_min_lora`, the shortest LoRA `H`: the block that can blow up first."""
+    out: dict[str, list[float]] = {}
+    for i, name in enumerate(names):
+        kind = "lora_A" if "lora_A" in name else "lora_B" if "lora_B" in name else "head"
+        kind += "_bias" if kind == "head" and name.endswith("bias") else ""
+        for key, values in per_tensor.items():
+            out.setdefault(f"{key}_{kind}", []).append(values[i])
+    summary = {k: sum(v) / len(v) for k, v in out.items()}
+    lora = [h for name, h in zip(names, per_tensor.get("H", []), strict=False) if "lora_" in name]
+    if lora:
+        summary["H_min_lora"] = min(lora)
+    return summary
+
+
 def block_summary(model, opt: HiSoOptimizer) -> dict[str, float]:
-    """Mean learned curvature theta and preconditioner H over the LoRA A, LoRA B, head weight and head bias tensors."""
+    """[`kind_summary`] of the learned curvature theta (and gamma) and of the preconditioner H."""
     info = opt.block_hessian()
     if info is None:
         return {}
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    out: dict[str, list[float]] = {}
-    for name, b in zip(names, info["block_of"].tolist(), strict=True):
-        kind = "lora_A" if "lora_A" in name else "lora_B" if "lora_B" in name else "head"
-        kind += "_bias" if kind == "head" and name.endswith("bias") else ""
-        out.setdefault(f"theta_{kind}", []).append(float(info["theta"][b]))
-        if "gamma" in info:
-            out.setdefault(f"gamma_{kind}", []).append(float(info["gamma"][b]))
-        out.setdefault(f"H_{kind}", []).append(float(info["hessian"][b]))
-    summary = {k: sum(v) / len(v) for k, v in out.items()}
-    blocks = zip(names, info["block_of"].tolist(), strict=True)
-    lora = [float(info["hessian"][b]) for name, b in blocks if "lora_" in name]
-    if lora:
-        summary["H_min_lora"] = min(lora)  # the shortest LoRA H: the block that can blow up first
-    return summary
+    blocks = info["block_of"].tolist()
+    keys = ("theta", "gamma", "hessian") if "gamma" in info else ("theta", "hessian")
+    per_tensor = {"H" if k == "hessian" else k: [float(info[k][b]) for b in blocks] for k in keys}
+    return kind_summary(names, per_tensor)
 
 
 def score(record: dict) -> float:
@@ -531,7 +531,7 @@ def main(argv: list[str] | None = None) -> dict:
     if est is not None:
         record["curvature"] = {"floor": est.floor, "spread": est.spread, "every": est.every, "forget": est.forget}
         record["curvature"] |= {"target": est.target, "steps": est.steps}
-    oracle = OracleSnr(opt, args.seed, args.oracle_target) if args.method == "oracle" else None
+    oracle = Oracle(opt, args.seed, args.oracle_target) if args.method == "oracle" else None
     if oracle is not None:
         record["oracle_every"], record["oracle_target"] = args.oracle_every, args.oracle_target
         record["oracle_freeze"] = args.oracle_freeze

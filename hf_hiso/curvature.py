@@ -62,7 +62,7 @@ or `0` with probability 1/2 each, still mean 1), so that some directions leave o
 slope, and a weighted regression for `gamma` (a squared slope is `E[g**2 | z]` times a chi-square(1) variable, so its
 variance is `2 E[g**2 | z]**2`: each row gets the weight `forget**age / max(x_p . gamma^+, 0.01 max_p x_p .
 gamma^+)**2`, refitted by iteratively reweighted least squares over the kept rows on every curvature step, five rounds
-from the unweighted fit; `gram_grad` holds the last weighted `R`). The rows that leave out the
+from the unweighted fit). The rows that leave out the
 head then weigh most and measure the adapter's energy alone. With `steps = N > 0`, `H` is learned on
 the first `N` curvature steps only and then kept: later steps are plain steps with the learned block scale (no
 factors, the configured difference, no curvature scalars). Learning it throughout lets a feedback loop in: the random
@@ -250,9 +250,8 @@ class BlockCurvature:
 
     def init_state(self) -> dict[str, Any]:
         """`gram` (`R`, `B x B`), `moment` (`r`), `moment_grad` (`r_g`, the moment of the squared slopes),
-        `gram_grad` (the weighted `R` of the `"energy"` target's regression for `gamma`; unused otherwise), the energy
-        target's kept rows `rows_x`, `rows_y` (squared slopes) and `rows_update` (the curvature step of each),
-        `theta` and `gamma` (NaN until the first estimate), `hessian` (`H_b`, ones),
+        the `"energy"` target's kept rows `rows_x`, `rows_y` (squared slopes) and `rows_update` (the curvature step
+        of each), `theta` and `gamma` (NaN until the first estimate), `hessian` (`H_b`, ones),
         `weight` (`N`, discounted rows), `rows` (rows used), `updates` (curvature steps used) and `skipped_rows`
         (non-finite `c`)."""
         b = self.num_blocks
@@ -260,7 +259,6 @@ class BlockCurvature:
             "gram": torch.zeros(b, b, dtype=torch.float64),
             "moment": torch.zeros(b, dtype=torch.float64),
             "moment_grad": torch.zeros(b, dtype=torch.float64),
-            "gram_grad": torch.zeros(b, b, dtype=torch.float64),
             "rows_x": torch.zeros(0, b, dtype=torch.float64),
             "rows_y": torch.zeros(0, dtype=torch.float64),
             "rows_update": torch.zeros(0, dtype=torch.float64),
@@ -291,16 +289,13 @@ class BlockCurvature:
             # A checkpoint from before the gradient moment: the curvature target does not use it.
             state["moment_grad"] = torch.zeros(self.num_blocks, dtype=torch.float64)
             state["gamma"] = torch.full((self.num_blocks,), float("nan"), dtype=torch.float64)
-        if "gram_grad" not in state:
+        if "rows_x" not in state:
             if self.target == "energy":
                 raise ValueError(
-                    "The saved curvature state was not built by the energy target (no `gram_grad`): it cannot resume "
-                    'with `curvature_target="energy"`.'
+                    "The saved curvature state holds no regression rows (`rows_x`, saved before the energy target "
+                    'existed): it cannot resume with `curvature_target="energy"`.'
                 )
-            # Saved before the energy target existed: the other targets do not use it.
-            state["gram_grad"] = torch.zeros(self.num_blocks, self.num_blocks, dtype=torch.float64)
-        if "rows_x" not in state:
-            # Saved before the energy target kept its rows: the fit restarts from the rows that come.
+            # The other targets do not use the rows.
             state["rows_x"] = torch.zeros(0, self.num_blocks, dtype=torch.float64)
             state["rows_y"] = torch.zeros(0, dtype=torch.float64)
             state["rows_update"] = torch.zeros(0, dtype=torch.float64)
@@ -381,14 +376,13 @@ class BlockCurvature:
         if slopes is not None:
             # E[g_p**2 | z_p] = sum_b gamma_b x_{p,b}: the same features as for the curvature.
             squares = slopes.double()[keep].square()
+            state["moment_grad"] = self.forget * state["moment_grad"] + x.T @ squares
             if self.target == "energy":
                 # The rows themselves are kept (a learning phase holds at most `steps * P` of them): `gamma` is
                 # refitted below by iteratively reweighted least squares over all of them.
                 state["rows_x"] = torch.cat([state["rows_x"], x])
                 state["rows_y"] = torch.cat([state["rows_y"], squares])
                 state["rows_update"] = torch.cat([state["rows_update"], torch.full((len(c),), state["updates"] + 1.0)])
-            else:
-                state["moment_grad"] = self.forget * state["moment_grad"] + x.T @ squares
         state["weight"] = self.forget * state["weight"] + len(c)
         state["rows"] += len(c)
         state["updates"] += 1
@@ -419,8 +413,7 @@ class BlockCurvature:
     def refit_energy(self, state: dict[str, Any], ridge: float) -> torch.Tensor:
         """`gamma` for the `"energy"` target: iteratively reweighted least squares over the kept rows (`IRLS_ROUNDS`
         rounds of solve and reweight, weights `forget**age * row_weights`), starting from the unweighted fit. Rows
-        whose forgetting weight has fallen below `1e-4` are dropped. Leaves the last weighted `R` and `r_g` in
-        `gram_grad` and `moment_grad`."""
+        whose forgetting weight has fallen below `1e-4` are dropped."""
         age = state["updates"] - state["rows_update"]
         decay = torch.full_like(age, self.forget).pow(age)
         keep = decay >= 1e-4
@@ -429,13 +422,11 @@ class BlockCurvature:
                 state[key] = state[key][keep]
             decay = decay[keep]
         x, y = state["rows_x"], state["rows_y"]
-        weights = decay
-        gamma = state["gamma"]
-        for _ in range(IRLS_ROUNDS):
-            weighted = x * weights[:, None]
-            state["gram_grad"], state["moment_grad"] = weighted.T @ x, weighted.T @ y
-            gamma = self.solve(state["gram_grad"], state["moment_grad"], ridge)
-            weights = decay * self.row_weights(gamma, x)
+        weighted = x * decay[:, None]
+        gamma = self.solve(weighted.T @ x, weighted.T @ y, ridge)
+        for _ in range(IRLS_ROUNDS - 1):
+            weighted = x * (decay * self.row_weights(gamma, x))[:, None]
+            gamma = self.solve(weighted.T @ x, weighted.T @ y, ridge)
         return gamma
 
     @staticmethod

@@ -231,7 +231,7 @@ def test_state_dict_round_trip_and_wrong_blocks(target):
     copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
     opt2 = HiSoOptimizer(copies, lr=1e-3, curvature=True, curvature_target=target, seed=1)
     opt2.load_state_dict(sd)
-    for key in ("gram", "moment", "moment_grad", "gram_grad", "rows_x", "rows_y", "theta", "gamma", "hessian"):
+    for key in ("gram", "moment", "moment_grad", "rows_x", "rows_y", "rows_update", "theta", "gamma", "hessian"):
         torch.testing.assert_close(opt2.state["curvature"][key], opt.state["curvature"][key], rtol=0, atol=0)
     if target == "energy":
         assert opt.state["curvature"]["rows_x"].shape == (5 * opt.num_directions, 2)
@@ -519,18 +519,19 @@ def test_old_checkpoint_without_gradient_moment():
     snr = HiSoOptimizer(make_params([10, 30]), lr=1e-3, curvature=True, curvature_target="snr", seed=1)
     with pytest.raises(ValueError, match="moment_grad"):
         snr.load_state_dict(copy.deepcopy(sd))
-    # A state saved before the energy target (no `gram_grad`) resumes with the snr target, gamma intact, and is refused
-    # with the energy target, whose weighted regression it never had.
+    # A state saved before the energy target (no kept rows) resumes with the snr target, gamma intact, and is refused
+    # with the energy target, whose regression rows it never had.
     snr_opt = HiSoOptimizer(params, lr=1e-3, curvature=True, curvature_target="snr", seed=1)
     snr_opt.step(quadratic(hs, params))
     before = copy.deepcopy(snr_opt.state_dict())
-    del before["state"]["curvature"]["gram_grad"]
+    for key in ("rows_x", "rows_y", "rows_update"):
+        del before["state"]["curvature"][key]
     resumed = HiSoOptimizer(make_params([10, 30]), lr=1e-3, curvature=True, curvature_target="snr", seed=1)
     resumed.load_state_dict(copy.deepcopy(before))
     assert torch.equal(resumed.state["curvature"]["gamma"], snr_opt.state["curvature"]["gamma"])
     assert torch.isfinite(resumed.state["curvature"]["gamma"]).all()
     energy = HiSoOptimizer(make_params([10, 30]), lr=1e-3, curvature=True, curvature_target="energy", seed=1)
-    with pytest.raises(ValueError, match="gram_grad"):
+    with pytest.raises(ValueError, match="rows_x"):
         energy.load_state_dict(copy.deepcopy(before))
 
 
@@ -658,7 +659,9 @@ def test_energy_target_masks_and_weighted_regression_find_a_block_with_a_ten_tho
         est.update(state, x, x @ theta, slopes)
     h = state["hessian"]
     assert float((h[:4] / h[4]).min()) >= 30.0
-    assert state["gram_grad"].abs().sum() > 0 and not torch.equal(state["gram_grad"], state["gram"])
+    # the fit is the reweighted one over the kept rows, not the unweighted fit of the same rows
+    assert state["rows_x"].shape == (60 * 5, 5)
+    assert not torch.allclose(state["gamma"], est.solve(state["gram"], state["moment_grad"], 0.0))
 
 
 # ---- one block per role ------------------------------------------------------------------------------------------
