@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -298,7 +299,9 @@ def text_columns(raw: DatasetDict, data_args: DataTrainingArguments) -> tuple[st
     for name in ("sentence", "text"):
         if name in columns:
             return name, None
-    strings = [c for c in columns if c != label and raw["train"].features[c].dtype == "string"]
+    # datasets reads CSV text as `large_string` (datasets >= 4), other loaders as `string`.
+    features = raw["train"].features
+    strings = [c for c in columns if c != label and getattr(features[c], "dtype", None) in ("string", "large_string")]
     if not strings:
         raise ValueError(f"No text column found in {columns}; name it with --text_column_names.")
     return strings[0], strings[1] if len(strings) > 1 else None
@@ -313,6 +316,15 @@ def label_info(raw: DatasetDict, data_args: DataTrainingArguments) -> tuple[list
             raise ValueError(
                 f"The {split} data ({os.path.basename(str(source))}) has no label column {label!r}; its columns are "
                 f"{ds.column_names}. Name the label column with --label_column_name."
+            )
+    for split, ds in raw.items():
+        values = ds[label]
+        blank = next((i for i, v in enumerate(values) if v is None or (isinstance(v, float) and math.isnan(v))), None)
+        if blank is not None:
+            source = data_args.train_file if split == "train" else (data_args.validation_file or data_args.train_file)
+            raise ValueError(
+                f"The {split} data ({os.path.basename(str(source))}) has a blank {label!r} in data row {blank + 1}: "
+                "every example needs a label (a blank one would also turn a classification file into regression)."
             )
     feature = raw["train"].features[label]
     if data_args.task_name == "stsb":

@@ -22,6 +22,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.utils import logging
 
+from .checkpointing import FEDERATED_STATE_NAME, CheckpointError, safe_torch_load
 from .federated.ledger import CommunicationLedger, WireFormat
 from .federated.partition import partition_dataset
 from .federated.protocol import (
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
 
 logger = logging.get_logger(__name__)
 
-FEDERATED_STATE_NAME = "federated_state.pt"
 PARTITIONS = ("iid", "dirichlet", "column")
 
 
@@ -171,6 +171,9 @@ class FederatedZOCallback(TrainerCallback):
     or simulate one client per round with `local_steps=1` in one process.
     """
 
+    # Written by `HiSoTrainer` into every checkpoint, before the Trainer marks it complete and rotates old ones.
+    zo_checkpoint_files = (FEDERATED_STATE_NAME,)
+
     def __init__(
         self,
         num_clients: int = 6,
@@ -200,8 +203,8 @@ class FederatedZOCallback(TrainerCallback):
             raise ValueError(
                 "`client_column` must name the column that holds each example's client for partition='column'"
             )
-        if not 0.0 <= drop_rate < 1.0:
-            raise ValueError(f"`drop_rate` must be in [0, 1), got {drop_rate!r}")
+        if isinstance(drop_rate, bool) or not isinstance(drop_rate, int | float) or not 0.0 <= drop_rate < 1.0:
+            raise ValueError(f"`drop_rate` must be a number in [0, 1), got {drop_rate!r}")
         if not 0.0 <= trim_ratio < 0.5:
             raise ValueError(f"`trim_ratio` must be in [0, 0.5), got {trim_ratio!r}")
         self.num_clients = num_clients
@@ -309,19 +312,8 @@ class FederatedZOCallback(TrainerCallback):
         resume = getattr(self.trainer, "zo_resume_from", None)
         if resume:
             path = os.path.join(resume, FEDERATED_STATE_NAME)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(
-                    f"{path} is missing: the checkpoint was not written by a federated HiSo run, so the federation "
-                    "(round, history, client positions, ledger) cannot be resumed."
-                )
-            self.load_state_dict(torch.load(path, weights_only=False))
-
-    def on_save(self, args, state, control, **kwargs):
-        if self.server is None or not state.is_world_process_zero:
-            return
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if os.path.isdir(folder):
-            torch.save(self.state_dict(), os.path.join(folder, FEDERATED_STATE_NAME))
+            what = "it holds the federation (round, history, client positions, ledger) of the run to resume."
+            self.load_state_dict(safe_torch_load(path, what), source=path)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.ledger is not None and self.ledger.rounds:
@@ -485,7 +477,13 @@ class FederatedZOCallback(TrainerCallback):
             },
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], source: str = "the federated state") -> None:
+        saved_clients = len(state["clients"])
+        if saved_clients != self.num_clients:
+            raise CheckpointError(
+                f"{source} was written by a federation of {saved_clients} clients, but `num_clients` is "
+                f"{self.num_clients}: resume with the run's own federation settings."
+            )
         self.server.load_state_dict(state["server"])
         self.ledger.load_state_dict(state["ledger"])
         for client, s in zip(self.clients, state["clients"], strict=True):

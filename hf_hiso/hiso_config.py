@@ -11,12 +11,12 @@ from transformers import TrainingArguments
 from transformers.utils import logging
 
 from .curvature import BLOCKINGS, TARGETS, check_curvature_settings
-from .zo_optimizer import check_zo_settings, parse_cache_setting
+from .zo_optimizer import check_step_settings, check_zo_settings, parse_cache_setting
 
 logger = logging.get_logger(__name__)
 
 
-@dataclass
+@dataclass(repr=False)
 class ZOArguments:
     """The zeroth-order settings, kept apart from `TrainingArguments` so that `HiSoTrainer` can apply their defaults
     to a plain `TrainingArguments` object from an existing script."""
@@ -141,6 +141,12 @@ class ZOArguments:
     )
 
     def check_zo(self) -> None:
+        for f in fields(ZOArguments):
+            if f.type in ("bool", bool):
+                value = getattr(self, f.name)
+                if not isinstance(value, bool):
+                    # From Python a string such as "false" would be truthy; HfArgumentParser converts the CLI's.
+                    raise ValueError(f"`{f.name}` must be True or False, got {value!r}")
         self.zo_cache_directions = parse_cache_setting(self.zo_cache_directions, name="zo_cache_directions")
         check_zo_settings(
             zo_eps=self.zo_eps,
@@ -199,6 +205,7 @@ class ZOArguments:
 
 def check_trainer_compatibility(args: TrainingArguments) -> None:
     """Refuses `TrainingArguments` that cannot work with a zeroth-order optimizer, before any training starts."""
+    check_step_settings(args.learning_rate, args.weight_decay, prefix="")
     if args.fp16:
         raise ValueError(
             "`fp16=True` is not supported by HiSo: fp16 training relies on a gradient scaler, and a zeroth-order step "
@@ -219,7 +226,7 @@ def check_trainer_compatibility(args: TrainingArguments) -> None:
         )
 
 
-@dataclass
+@dataclass(repr=False)
 class HiSoConfig(ZOArguments, TrainingArguments):
     r"""
     Configuration of [`HiSoTrainer`]: every [`~transformers.TrainingArguments`] field plus the zeroth-order settings

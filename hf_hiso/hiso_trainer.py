@@ -8,6 +8,7 @@ scalars become a parameter update, and the optimizer's state (the preconditioner
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -16,10 +17,21 @@ from accelerate.data_loader import BatchSamplerShard
 from accelerate.utils import DistributedType
 from torch import nn
 from transformers import Trainer, TrainingArguments
+from transformers.utils import logging
 
+from .checkpointing import (
+    KNOWN_CHECKPOINT_FILES,
+    CheckpointError,
+    atomic_torch_save,
+    checkpoint_problem,
+    newest_complete_checkpoint,
+    write_manifest,
+)
 from .curvature import role_blocks
 from .hiso_config import HiSoConfig, ZOArguments, check_trainer_compatibility
 from .zo_optimizer import HiSoOptimizer
+
+logger = logging.get_logger(__name__)
 
 
 def unwrap_optimizer(optimizer: torch.optim.Optimizer | None) -> HiSoOptimizer | None:
@@ -100,15 +112,44 @@ class HiSoTrainer(Trainer):
         added = self.callback_handler.callbacks[-1]
         self._attach_callback(added)
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
-        if resume_from_checkpoint is True:
-            from transformers.trainer_utils import get_last_checkpoint
+    def _zo_checkpoint_files(self) -> dict[str, Any]:
+        # Files that callbacks (FederatedZOCallback) keep inside each checkpoint, by name.
+        return {name: cb for cb in self.callback_handler.callbacks for name in getattr(cb, "zo_checkpoint_files", ())}
 
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        required = tuple(self._zo_checkpoint_files())
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint, skipped = newest_complete_checkpoint(self.args.output_dir, required)
+            for folder, reason in skipped:
+                logger.warning(f"Skipping {folder} for the resume: {reason}.")
+            if skipped:
+                logger.warning(f"Resuming from {resume_from_checkpoint}, the newest complete checkpoint.")
+        if resume_from_checkpoint:
+            problem = checkpoint_problem(resume_from_checkpoint, required)
+            if problem is not None:
+                raise CheckpointError(
+                    f"Cannot resume from {resume_from_checkpoint}: {problem}. Resume from an older complete "
+                    "checkpoint (`resume_from_checkpoint=True` picks the newest complete one) or start afresh."
+                )
+            extra = [n for n in KNOWN_CHECKPOINT_FILES if n not in required]
+            found = [n for n in extra if os.path.exists(os.path.join(resume_from_checkpoint, n))]
+            if found:
+                raise ValueError(
+                    f"{resume_from_checkpoint} holds {found[0]} (a federated run), but this trainer has no "
+                    "FederatedZOCallback: resuming would continue centrally. Pass the same callback as the run that "
+                    "wrote it."
+                )
         self.zo_resume_from = resume_from_checkpoint or None
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        # The HiSo files go beside the optimizer's state, before `trainer_state.json` marks the checkpoint complete
+        # and before the Trainer rotates old checkpoints (`hf_hiso.checkpointing`).
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            for name, callback in self._zo_checkpoint_files().items():
+                atomic_torch_save(callback.state_dict(), os.path.join(output_dir, name))
+            write_manifest(output_dir)
 
     # ---- optimizer ---------------------------------------------------------------------------------------------
 

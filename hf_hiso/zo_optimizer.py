@@ -14,6 +14,7 @@ The preconditioner (`state[param]["hessian"]`) and the step counter (`state["his
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,12 @@ from .zo_estimators import (
     directional_scalars,
     step_seed,
 )
+
+# With `skip_nonfinite=True`, this many skipped steps in a row stop the run: the model cannot recover by itself.
+MAX_CONSECUTIVE_SKIPS = 20
+# The smallest perturbation radius accepted: float32 losses resolve about 1e-7 relative changes.
+MIN_ZO_EPS = 1e-8
+logger = logging.getLogger(__name__)
 
 HESSIAN_UPDATES = ("last_local_step", "all_local_steps")
 # `cache_directions="auto"` caches when a step's P directions fit in this many bytes: every adapter and full models up
@@ -145,8 +152,6 @@ class HiSoOptimizer(torch.optim.Optimizer):
             hessian_update=hessian_update,
             generator=generator,
         )
-        if lr < 0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
         curvature_kwargs = {
             "every": curvature_every,
             "forget": curvature_forget,
@@ -158,7 +163,13 @@ class HiSoOptimizer(torch.optim.Optimizer):
         }
         if curvature:
             check_curvature_settings(**curvature_kwargs)
+        check_step_settings(lr, weight_decay, prefix="optimizer")
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+        if not any(group["params"] for group in self.param_groups):
+            raise ValueError(
+                "HiSoOptimizer got no trainable parameters (no tensor with `requires_grad=True`): unfreeze the part "
+                "to train, or add an adapter (PEFT) before training."
+            )
         self.zo_eps = zo_eps
         self.num_directions = num_directions
         self.difference = difference
@@ -275,6 +286,12 @@ class HiSoOptimizer(torch.optim.Optimizer):
         self._scales = None
         self.source.clear()
 
+    def _check_groups(self) -> None:
+        # A scheduler or a user can set any value in a group; a non-finite one would write NaN into every parameter.
+        # Checked before the parameters are touched (the measurement perturbs them too).
+        for group in self.param_groups:
+            check_step_settings(group["lr"], group["weight_decay"], prefix="optimizer")
+
     # ---- the two halves of a step --------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -284,6 +301,7 @@ class HiSoOptimizer(torch.optim.Optimizer):
         """Directional scalars at the current parameters along the directions of `seed` (default: the current step's
         seed). The parameters are perturbed in place and restored. Returns `(f(x), slopes, curvatures)`."""
         seed = self.current_seed() if seed is None else seed
+        self._check_groups()
         if self.curvature is not None:
             return self._measure_blocks(loss_fn, seed, loss0)
         per_direction = 1 if self.difference == "forward" else 2
@@ -355,8 +373,23 @@ class HiSoOptimizer(torch.optim.Optimizer):
                 curv = [nan if u.curvatures is None else u.curvatures for u in pending]
                 for u, row in zip(pending, self.scalar_reduce(torch.stack(curv)), strict=True):
                     u.curvatures = row.float().cpu()
+        self._check_groups()
         if not all(bool(torch.isfinite(u.slopes).all()) for u in pending):
-            self.state["hiso"]["skipped_steps"] += 1
+            hiso = self.state["hiso"]
+            hiso["skipped_steps"] += 1
+            hiso["consecutive_skips"] = hiso.get("consecutive_skips", 0) + 1
+            if self.skip_nonfinite and hiso["consecutive_skips"] >= MAX_CONSECUTIVE_SKIPS:
+                raise NonFiniteScalarError(
+                    f"The last {hiso['consecutive_skips']} steps (up to step {self.global_step}) all had non-finite "
+                    "directional scalars and were skipped: the parameters are at a point where the loss is NaN or "
+                    "infinite (an earlier update was too large, or the data is broken), so training cannot go on. "
+                    "Lower `learning_rate` or `zo_eps`, or resume from an earlier checkpoint."
+                )
+            if self.skip_nonfinite:
+                logger.warning(
+                    f"Step {self.global_step} skipped: non-finite directional scalar (the parameters are unchanged; "
+                    f"{hiso['skipped_steps']} skipped so far)."
+                )
             if not self.skip_nonfinite:
                 slopes = [u.slopes.tolist() for u in pending]
                 hint = "Lower `learning_rate` or `zo_eps`, check the data, or set `zo_skip_nonfinite=True`."
@@ -366,6 +399,7 @@ class HiSoOptimizer(torch.optim.Optimizer):
                 )
             self.state["hiso"]["step"] += 1
             return loss
+        self.state["hiso"]["consecutive_skips"] = 0
         self.apply_updates(pending, update_hessian=True)
         self.last_slopes = torch.stack([u.slopes for u in pending])
         self.state["hiso"]["step"] += 1
@@ -435,6 +469,20 @@ class HiSoOptimizer(torch.optim.Optimizer):
             self._scales = None
 
 
+def check_step_settings(lr: object, weight_decay: object, prefix: str = "") -> None:
+    """Raises a `ValueError` naming the field unless `lr` is a finite number >= 0 and `weight_decay` a finite number
+    >= 0 (`prefix`: `""` for `TrainingArguments`' `learning_rate`; the optimizer's own names otherwise)."""
+    lr_name = "learning_rate" if prefix == "" else "lr"
+
+    def number(value: object) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+    if not (number(lr) and lr >= 0):
+        raise ValueError(f"`{lr_name}` must be a finite number >= 0, got {lr!r}")
+    if not (number(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"`weight_decay` must be a finite number >= 0, got {weight_decay!r}")
+
+
 def check_zo_settings(
     *,
     zo_eps: float,
@@ -452,10 +500,17 @@ def check_zo_settings(
     def bad(name: str, allowed: str, value: object) -> ValueError:
         return ValueError(f"`{prefix}{name}` must be {allowed}, got {value!r}")
 
-    if not (isinstance(zo_eps, int | float) and math.isfinite(zo_eps) and zo_eps > 0):
-        raise ValueError(f"`zo_eps` must be a finite number > 0 (the perturbation radius), got {zo_eps!r}")
-    if isinstance(num_directions, bool) or not isinstance(num_directions, int) or num_directions < 1:
-        raise bad("num_directions", "an integer >= 1", num_directions)
+    if isinstance(zo_eps, bool) or not (isinstance(zo_eps, int | float) and math.isfinite(zo_eps) and 0 < zo_eps <= 1):
+        # Above 1 the finite difference is no local slope (1e300 overflows); far below the loss's float resolution
+        # every scalar is 0 and nothing trains.
+        raise ValueError(f"`zo_eps` must be a number in (0, 1] (the perturbation radius), got {zo_eps!r}")
+    if zo_eps < MIN_ZO_EPS:
+        raise ValueError(
+            f"`zo_eps` must be at least {MIN_ZO_EPS:g}: below it float32 losses do not change along a direction and "
+            f"every scalar is 0, got {zo_eps!r}"
+        )
+    if isinstance(num_directions, bool) or not isinstance(num_directions, int) or not 1 <= num_directions <= 4096:
+        raise bad("num_directions", "an integer in [1, 4096] (each direction costs a forward pass)", num_directions)
     if difference not in DIFFERENCES:
         raise bad("difference", f"one of {DIFFERENCES}", difference)
     if not (isinstance(hessian_smooth, int | float) and 0.0 <= hessian_smooth < 1.0):

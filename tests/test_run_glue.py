@@ -323,3 +323,26 @@ def test_metrics_keys_and_offline_backend():
     assert 0 < out["f1"] < 1  # macro F1 over the 5 classes
     with pytest.raises(ValueError, match="backend"):
         build_compute_metrics(None, 2, backend="numpy")
+
+
+def test_csv_text_column_of_any_name_and_blank_label(tiny_setup, tmp_path, no_training):
+    # datasets reads CSV text as `large_string`: a `txt,label` file must find its text column by type.
+    run_glue = load_run_glue()
+    rows = [{"txt": r["sentence"], "label": r["label"]} for r in make_text_rows(16, seed=3)]
+    raw = run_glue.load_raw_datasets(
+        run_glue.DataTrainingArguments(
+            train_file=str(write_csv(tmp_path / "t.csv", rows)), validation_file=str(tmp_path / "t.csv")
+        ),
+        None,
+    )
+    data_args = run_glue.DataTrainingArguments(
+        train_file=str(tmp_path / "t.csv"), validation_file=str(tmp_path / "t.csv")
+    )
+    assert run_glue.text_columns(raw, data_args) == ("txt", None)
+    # One blank label is an error naming the file and the row, not a silent switch to regression.
+    rows[5]["label"] = ""
+    train = write_csv(tmp_path / "blank.csv", rows)
+    argv = tiny_argv(tiny_setup, tmp_path / "out")
+    argv[argv.index("--train_file") + 1] = str(train)
+    with pytest.raises(ValueError, match=r"blank\.csv.*blank 'label' in data row 6"):
+        run_glue.run(argv)

@@ -169,7 +169,7 @@ class HiSoClient:
         record = context.state.config_records.get(STATE_RECORD)
         if record is None:
             return None
-        return torch.load(io.BytesIO(record["blob"]), weights_only=False)
+        return torch.load(io.BytesIO(record["blob"]), weights_only=True)
 
     @staticmethod
     def _save_state(context: Context, state: dict[str, Any]) -> None:
