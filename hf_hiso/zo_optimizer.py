@@ -343,6 +343,7 @@ class HiSoOptimizer(torch.optim.Optimizer):
             loss, slopes, curvatures = self.measure(closure, seed)
             self.accumulate(seed, slopes, curvatures)
         if not self.pending:
+            self.last_slopes = None
             return loss
         pending, self.pending = self.pending, []
         if self.scalar_reduce is not None:
@@ -355,6 +356,8 @@ class HiSoOptimizer(torch.optim.Optimizer):
                 curv = [nan if u.curvatures is None else u.curvatures for u in pending]
                 for u, row in zip(pending, self.scalar_reduce(torch.stack(curv)), strict=True):
                     u.curvatures = row.float().cpu()
+        # The step's scalars as the update uses them (whole batch, averaged over processes), finite or not.
+        self.last_slopes = torch.stack([u.slopes for u in pending])
         if not all(bool(torch.isfinite(u.slopes).all()) for u in pending):
             self.state["hiso"]["skipped_steps"] += 1
             if not self.skip_nonfinite:
@@ -367,7 +370,6 @@ class HiSoOptimizer(torch.optim.Optimizer):
             self.state["hiso"]["step"] += 1
             return loss
         self.apply_updates(pending, update_hessian=True)
-        self.last_slopes = torch.stack([u.slopes for u in pending])
         self.state["hiso"]["step"] += 1
         return loss
 
