@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,9 @@ P = 2  # HISO_ZO_NUM_DIRECTIONS; central differences: 2P + 1 = 5 loss evaluation
 STEPS = 6
 
 
-def run_script(setup: dict[str, Path], out: Path, *extra: str) -> subprocess.CompletedProcess:
+def run_script(
+    setup: dict[str, Path], out: Path, *extra: str, launcher: tuple[str, ...] = (), use_cpu: bool = True, check=True
+) -> subprocess.CompletedProcess:
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("HISO_")},
         "HISO_ZO_NUM_DIRECTIONS": str(P),
@@ -51,16 +54,26 @@ def run_script(setup: dict[str, Path], out: Path, *extra: str) -> subprocess.Com
         "--logging_steps", "1",
         "--save_steps", "3",
         "--report_to", "none",
-        "--use_cpu",
+        *(["--use_cpu"] if use_cpu else []),
         "--disable_tqdm", "true",
         "--seed", "0",
         *extra,
     ]  # fmt: skip
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), *argv], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    command = [sys.executable, *(launcher or [str(SCRIPT)]), *argv]
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 or not check, done.stdout[-3000:] + done.stderr[-5000:]
     return done
+
+
+def two_processes() -> tuple[str, ...]:
+    """`accelerate launch --multi_gpu --num_processes 2` on this machine without GPUs."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return (
+        "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT),
+    )  # fmt: skip
 
 
 def settings_line(done: subprocess.CompletedProcess) -> str:
@@ -72,16 +85,20 @@ def settings_line(done: subprocess.CompletedProcess) -> str:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("user_script")
-    setup = {
+    setup = make_setup(root)
+    full = run_script(setup, root / "full")
+    # A second run resumes the first one's mid-run checkpoint into a new folder and trains to the same end.
+    resumed = run_script(setup, root / "resumed", "--resume_from_checkpoint", str(root / "full" / "checkpoint-3"))
+    return {"root": root, "setup": setup, "full": full, "resumed": resumed}
+
+
+def make_setup(root: Path) -> dict[str, Path]:
+    return {
         "model": make_tiny_text_model(root / "tiny-bert"),
         "train": write_csv(root / "train.csv", make_text_rows(48, seed=0)),
         "validation": write_csv(root / "dev.csv", make_text_rows(24, seed=1)),
         "test": write_csv(root / "test.csv", make_text_rows(16, seed=2)),
     }
-    full = run_script(setup, root / "full")
-    # A second run resumes the first one's mid-run checkpoint into a new folder and trains to the same end.
-    resumed = run_script(setup, root / "resumed", "--resume_from_checkpoint", str(root / "full" / "checkpoint-3"))
-    return {"root": root, "full": full, "resumed": resumed}
 
 
 def test_environment_settings_take_effect(runs):
@@ -118,3 +135,25 @@ def test_train_eval_predict_and_resume(runs):
     assert logs["resumed"] == logs["full"]  # the history up to the checkpoint, then the same steps
     settings = [settings_line(runs[name]).split("Zeroth-order settings:")[1] for name in ("full", "resumed")]
     assert settings[0] == settings[1]
+
+
+def test_two_processes_train_as_one_job_or_are_refused(runs):
+    """Without `--use_cpu` the two launched processes would each train alone into one output_dir: both stop before
+    training with an error saying so. With it they form one gloo group: one settings line (rank 0), the data split
+    between them, and every step's scalars averaged, so the run ends where one process on the whole batch ends (up to
+    the float rounding of the scalars)."""
+    root, setup = runs["root"], runs["setup"]
+    refused = run_script(setup, root / "refused", launcher=two_processes(), use_cpu=False, check=False)
+    assert refused.returncode != 0
+    assert refused.stderr.count("The launcher started 2 processes (WORLD_SIZE)") == 2
+    assert not (root / "refused" / "checkpoint-3").exists() and not (root / "refused" / "model.safetensors").exists()
+
+    joined = run_script(setup, root / "joined", "--per_device_train_batch_size", "4", launcher=two_processes())
+    settings_line(joined)  # exactly one: rank 0's
+    logs = json.loads((root / "joined" / "trainer_state.json").read_text())["log_history"]
+    single = json.loads((root / "full" / "trainer_state.json").read_text())["log_history"]
+    assert [h["step"] for h in logs if "loss" in h] == list(range(1, STEPS + 1))
+    for h, ref in zip([h for h in logs if "loss" in h], [h for h in single if "loss" in h], strict=True):
+        assert h["zo/forward_passes"] == ref["zo/forward_passes"]
+        for key in ("loss", "zo/scalar_abs_mean", "zo/scalar_rms"):
+            assert h[key] == pytest.approx(ref[key], rel=1e-2), key
