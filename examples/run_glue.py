@@ -32,6 +32,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -90,6 +91,8 @@ EXAMPLE_DEFAULTS: dict[str, Any] = {
     "save_strategy": "no",
     "report_to": "none",
     "seed": 42,
+    # Pinned memory only helps copies to an accelerator; on CPUs torch warns about it for every data loader.
+    "dataloader_pin_memory": torch.accelerator.is_available(),
 }
 
 
@@ -463,9 +466,26 @@ def print_summary(summary: dict[str, Any]) -> None:
 # ---- main ---------------------------------------------------------------------------------------------------------
 
 
+def quiet_local_run(model_args: ModelArguments, data_args: DataTrainingArguments) -> None:
+    """Silences what a run on local model and data can do nothing about.
+
+    * With the embedded model and task nothing needs the Hub: declaring it offline stops the lookups that peft makes
+      when it saves the adapter (each a warning and a network timeout on a machine without internet).
+    * peft then warns that it cannot read the base model's config to compare vocabularies; the adapter here never
+      trains or resizes the embeddings, so the vocabulary is the base model's.
+    * transformers' deprecation of `is_gradient_checkpointing`, raised from inside peft's own code.
+    """
+    if model_args.model_name_or_path is None and data_args.task_name in EMBEDDED_TASKS:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        warnings.filterwarnings("ignore", message="Could not find a config file in ", module="peft")
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
 def run(argv: list[str] | None = None) -> tuple[HiSoTrainer, dict[str, Any]]:
     """Parses `argv` (default: the command line), trains, evaluates, saves; returns the trainer and the summary."""
     model_args, data_args, peft_args, fed_args, training_args = parse_args(argv)
+    quiet_local_run(model_args, data_args)
 
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",

@@ -241,15 +241,7 @@ class FederatedZOCallback(TrainerCallback):
                 "`gradient_accumulation_steps` must be 1 with FederatedZOCallback: one Trainer step is one round; "
                 "raise `per_device_train_batch_size` (each client's batch) instead."
             )
-        launched = int(os.environ.get("WORLD_SIZE", "1"))
-        if launched > args.world_size:
-            # accelerate/torchrun on a machine without GPUs: unless `use_cpu` is set, transformers does not join the
-            # processes into a (gloo) group, and each would run the whole federation and write the same output_dir.
-            raise ValueError(
-                f"The launcher started {launched} processes (WORLD_SIZE) but the Trainer runs as {args.world_size}: "
-                "on a machine without GPUs set `use_cpu=True` (`--use_cpu true`) so that the processes form one "
-                "gloo group and share the federation's clients."
-            )
+        # Launched processes that did not join one group are refused by `HiSoTrainer` itself (`check_process_group`).
         if args.world_size > self.clients_per_round:
             logger.warning(
                 f"{args.world_size} processes share {self.clients_per_round} clients per round: "

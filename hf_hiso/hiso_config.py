@@ -11,6 +11,7 @@ from transformers import TrainingArguments
 from transformers.utils import logging
 
 from .curvature import BLOCKINGS, TARGETS, check_curvature_settings
+from .zo_env import resolve_zo_arguments
 from .zo_optimizer import check_step_settings, check_zo_settings, parse_cache_setting
 
 logger = logging.get_logger(__name__)
@@ -173,10 +174,9 @@ class ZOArguments:
 
     @classmethod
     def from_args(cls, args: Any) -> ZOArguments:
-        """The ZO settings of `args`, with the HiSo defaults for those it does not have (plain `TrainingArguments`)."""
-        out = cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
-        out.check_zo()
-        return out
+        """The ZO settings of `args`; for those it does not have (a plain `TrainingArguments`), the `HISO_ZO_*`
+        environment variables, else the HiSo defaults (see `hf_hiso.zo_env`)."""
+        return resolve_zo_arguments(cls, args)[0]
 
     def optimizer_kwargs(self, seed: int) -> dict[str, Any]:
         return {

@@ -17,6 +17,7 @@ from accelerate.data_loader import BatchSamplerShard
 from accelerate.utils import DistributedType
 from torch import nn
 from transformers import Trainer, TrainingArguments
+from transformers.trainer import logger as trainer_logger
 from transformers.utils import logging
 
 from .checkpointing import (
@@ -29,9 +30,24 @@ from .checkpointing import (
 )
 from .curvature import role_blocks
 from .hiso_config import HiSoConfig, ZOArguments, check_trainer_compatibility
+from .zo_env import describe_zo_settings, resolve_zo_arguments
 from .zo_optimizer import HiSoOptimizer
 
 logger = logging.get_logger(__name__)
+
+
+def check_process_group(args: TrainingArguments) -> None:
+    """Refuses launched processes that did not join one group, before any training starts: on a machine without an
+    accelerator, transformers forms the (gloo) group of `accelerate launch --multi_gpu` / `torchrun` only with
+    `use_cpu=True`, and each process would otherwise train alone into the same `output_dir`."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > args.world_size:
+        raise ValueError(
+            f"The launcher started {launched} processes (WORLD_SIZE) but the Trainer runs as {args.world_size}: each "
+            "process would train alone and write the same output_dir. On a machine without GPUs set `use_cpu=True` "
+            "(`--use_cpu` on the script's command line; `HiSoConfig` sets it itself) so that the processes form one "
+            "gloo group."
+        )
 
 
 def unwrap_optimizer(optimizer: torch.optim.Optimizer | None) -> HiSoOptimizer | None:
@@ -69,7 +85,9 @@ class HiSoTrainer(Trainer):
         if args is None:
             args = HiSoConfig(output_dir="tmp_trainer")
         check_trainer_compatibility(args)
-        self.zo_args = ZOArguments.from_args(args)
+        check_process_group(args)
+        # Where each setting came from ("config", "env" or "default"), for the line logged when training starts.
+        self.zo_args, self.zo_args_sources = resolve_zo_arguments(ZOArguments, args)
         if optimizers[0] is not None and unwrap_optimizer(optimizers[0]) is None:
             raise ValueError(
                 f"`optimizers[0]` must be a HiSoOptimizer (or None to build one from the config), got "
@@ -86,6 +104,7 @@ class HiSoTrainer(Trainer):
         self.zo_round_runner: Callable[[HiSoTrainer, nn.Module, dict], torch.Tensor] | None = None
         self._zo_log_sums = {"steps": 0, "scalar_abs": 0.0, "scalar_sq": 0.0, "count": 0}
         self._zo_model_uses_num_items: bool | None = None
+        self._zo_step_hook: Any = None
         # Extra `fed/*`-style metrics merged into every training log (a federated callback registers one).
         self.zo_log_providers: list[Callable[[], dict[str, float]]] = []
         # The checkpoint `train()` resumes from, for callbacks that keep state beside it.
@@ -140,6 +159,9 @@ class HiSoTrainer(Trainer):
                     "wrote it."
                 )
         self.zo_resume_from = resume_from_checkpoint or None
+        if self.is_world_process_zero():
+            # Beside the Trainer's own "***** Running training *****", so the script's log level governs both.
+            trainer_logger.info(describe_zo_settings(self.zo_args, self.zo_args_sources))
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
@@ -177,7 +199,17 @@ class HiSoTrainer(Trainer):
             # Data parallelism: each process measured the scalars on its shard of the batch; their mean over processes
             # is the full batch's scalar. P numbers per step are all that is communicated.
             zo.scalar_reduce = self._mean_over_processes
+        if self._zo_step_hook is not None:
+            self._zo_step_hook.remove()
+        self._zo_step_hook = zo.register_step_post_hook(self._zo_record_step)
         return optimizer
+
+    def _zo_record_step(self, optimizer: HiSoOptimizer, *_: Any) -> None:
+        # The `zo/scalar_*` metrics of a centralized step are those of the scalars the update used: the whole batch's
+        # (micro-batches summed), averaged over processes, so they do not depend on the process count. A federated
+        # round records its clients' reports itself.
+        if self.zo_round_runner is None and optimizer.last_slopes is not None:
+            self.zo_record(optimizer.last_slopes, forward_passes=0)
 
     def _wrap_model(self, model: nn.Module, training: bool = True, dataloader: Any = None) -> nn.Module:
         """Under data parallelism the model is prepared without `DistributedDataParallel`.
@@ -301,7 +333,7 @@ class HiSoTrainer(Trainer):
         finally:
             model.train(was_training)
         opt.accumulate(seed, slopes * scale, curvatures * scale)
-        self.zo_record(slopes, forward_passes=self.zo_passes_per_step())
+        self.zo_forward_passes += self.zo_passes_per_step()  # the slopes are recorded after the step (`zo/*`)
         return (loss0 * scale).detach().to(self.args.device)
 
     def zo_passes_per_step(self) -> int:

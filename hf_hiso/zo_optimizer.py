@@ -361,6 +361,7 @@ class HiSoOptimizer(torch.optim.Optimizer):
             loss, slopes, curvatures = self.measure(closure, seed)
             self.accumulate(seed, slopes, curvatures)
         if not self.pending:
+            self.last_slopes = None
             return loss
         pending, self.pending = self.pending, []
         if self.scalar_reduce is not None:
@@ -374,6 +375,8 @@ class HiSoOptimizer(torch.optim.Optimizer):
                 for u, row in zip(pending, self.scalar_reduce(torch.stack(curv)), strict=True):
                     u.curvatures = row.float().cpu()
         self._check_groups()
+        # The step's scalars as the update uses them (whole batch, averaged over processes), finite or not.
+        self.last_slopes = torch.stack([u.slopes for u in pending])
         if not all(bool(torch.isfinite(u.slopes).all()) for u in pending):
             hiso = self.state["hiso"]
             hiso["skipped_steps"] += 1
@@ -401,7 +404,6 @@ class HiSoOptimizer(torch.optim.Optimizer):
             return loss
         self.state["hiso"]["consecutive_skips"] = 0
         self.apply_updates(pending, update_hessian=True)
-        self.last_slopes = torch.stack([u.slopes for u in pending])
         self.state["hiso"]["step"] += 1
         return loss
 
