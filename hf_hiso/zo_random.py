@@ -1,16 +1,17 @@
 """A counter-based direction generator: the same numbers on every device and for any thread count.
 
-Number `j` of a direction stream with 64-bit key `k` comes from the SplitMix64 output for the counter `j // L`:
+Number `j` of a direction stream with 64-bit key `k` comes from the SplitMix64 output for the counter `c = j // L`:
 
-    h_c = mix64(k + c * gamma  mod 2**64),   gamma = 0x9E3779B97F4A7C15
+    h_c = mix64(k + (c + 1) * gamma  mod 2**64),   gamma = 0x9E3779B97F4A7C15
     mix64(x): x ^= x >> 30; x *= 0xBF58476D1CE4E5B9; x ^= x >> 27; x *= 0x94D049BB133111EB; x ^= x >> 31
 
-(the SplitMix64 sequence), and its lane `j mod L` (lane `l` = bits `b*l .. b*l + b - 1`):
+(output `c` of the SplitMix64 generator seeded with `k`), and its lane `j mod L` (lane `l` = bits `b*l` to
+`b*l + b - 1`):
 
 * `"gaussian"` (`L = 4`, 16-bit lanes): `z = T[lane]` with `T` the 65,536 midpoint quantiles of `N(0, 1)`,
   `T[i] = Phi^-1((i + 1/2) / 2**16) / s`, `s` chosen so that the table's mean square is 1. Moments of `z`: mean 0
-  exactly (the table is symmetric), second moment 1 (to float32 rounding), fourth moment 2.9995 (3 for a true
-  Gaussian: the tails are cut at |z| <= 4.17), odd moments 0. Coordinates are independent, so `E[z z^T] = I`, which
+  exactly (the table is symmetric), second moment 1 (to float32 rounding), fourth moment 2.9992 (3 for a true
+  Gaussian: the tails are cut at |z| <= 4.33), odd moments 0. Coordinates are independent, so `E[z z^T] = I`, which
   is all a zeroth-order estimator needs.
 * `"rademacher"` (`L = 8`, 8-bit lanes): `z = +1` if the lane's top bit is 0, `-1` otherwise. Mean 0, `z**2 = 1`.
 
@@ -86,7 +87,7 @@ def _xorshift_(z: torch.Tensor, tmp: torch.Tensor, shift: int) -> None:
 def hash_counters(key: int, first: int, count: int, device: torch.device, out: torch.Tensor | None = None):
     """`h_c` for counters `c = first .. first + count - 1` (`count <= CHUNK`), as int64 bit patterns."""
     z = torch.empty(count, dtype=torch.int64, device=device) if out is None else out[:count]
-    torch.add(_counter_base(device)[:count], _signed(key + first * _GAMMA), out=z)
+    torch.add(_counter_base(device)[:count], _signed(key + (first + 1) * _GAMMA), out=z)
     tmp = torch.empty_like(z)
     _xorshift_(z, tmp, 30)
     z.mul_(_signed(_M1))

@@ -18,7 +18,8 @@ def counter_numbers(key: int, count: int, distribution: str = "gaussian") -> tor
     arithmetic and explicit bit shifts: an implementation independent of the library's torch one)."""
     lanes, bits = (4, 16) if distribution == "gaussian" else (8, 8)
     with np.errstate(over="ignore"):
-        x = np.uint64(key) + np.arange(math.ceil(count / lanes), dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        counters = np.arange(1, math.ceil(count / lanes) + 1, dtype=np.uint64)
+        x = np.uint64(key) + counters * np.uint64(0x9E3779B97F4A7C15)
         x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         x = x ^ (x >> np.uint64(31))
