@@ -39,7 +39,8 @@ DIFFERENCES = ("forward", "central")
 # cost more in per-call overhead than in arithmetic: a model has about ten small tensors per layer).
 SCRATCH_MIN_NUMEL = 1 << 16
 GROUP_NUMEL = 1 << 20
-# `InverseSqrt.scale_` forms `H ** -0.5` in pieces of this many entries, so no tensor-sized temporary is made.
+# `InverseSqrt.scale_` forms `H ** -0.5`, and `perturb_` adds `alpha * z` to a large tensor, in pieces of this many
+# entries: the piece of `z` stays in the CPU's cache instead of making a round trip through memory.
 SCALE_CHUNK = 1 << 18
 
 
@@ -113,11 +114,12 @@ def _counter_stream(
     key: int,
     distribution: str,
     scratch: Callable[[torch.Size, torch.device, torch.dtype], torch.Tensor] | None = None,
+    start: int = 0,
 ) -> Iterator[torch.Tensor]:
-    """Yields `u_p` of the counter generator as float32 tensors on each tensor's device. Large tensors are drawn into
-    `scratch(shape, device, dtype)` if given (else new tensors); runs of small tensors on one device share one new
-    buffer (each yielded tensor is a view of it)."""
-    offset, i, n = 0, 0, len(params)
+    """Yields `u_p` of the counter generator as float32 tensors on each tensor's device, `params[0]` starting at
+    number `start` of the stream. Large tensors are drawn into `scratch(shape, device, dtype)` if given (else new
+    tensors); runs of small tensors on one device share one new buffer (each yielded tensor is a view of it)."""
+    offset, i, n = start, 0, len(params)
     while i < n:
         p = params[i]
         if p.numel() >= SCRATCH_MIN_NUMEL:
@@ -294,6 +296,16 @@ class DirectionSource:
                 yield _draw_torch_(torch.empty(p.shape, device=dev, dtype=torch.float32), gen, self.distribution)
 
 
+def _scale_piece(scales: Sequence[torch.Tensor], i: int, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(scales, InverseSqrt):
+        return scales.hessians[i].reshape(-1)[lo:hi].rsqrt().to(dtype)
+    return scales[i].reshape(-1)[lo:hi]
+
+
+def _fusable(p: torch.Tensor) -> bool:
+    return p.numel() >= SCRATCH_MIN_NUMEL and p.is_contiguous()
+
+
 @torch.no_grad()
 def perturb_(
     params: Sequence[torch.Tensor],
@@ -303,9 +315,52 @@ def perturb_(
     alpha: float,
     scales: Sequence[torch.Tensor] | None = None,
 ) -> None:
-    """In place: `x <- x + alpha * z_p`."""
-    for p, z in zip(params, source.transient(params, seed, index, scales), strict=True):
-        p.add_(z, alpha=alpha)
+    """In place: `x <- x + alpha * z_p`.
+
+    Large contiguous tensors are updated piece by piece (`SCALE_CHUNK` entries): the piece of `u_p` is drawn (or read
+    from the cache), scaled and added while it is in the CPU's cache, so `z_p` never makes a round trip through
+    memory. The numbers are those of `x + alpha * z_p` with `z_p` from [`DirectionSource.transient`] (tested)."""
+    if not source.cache and source.generator != "counter":
+        for p, z in zip(params, source.transient(params, seed, index, scales), strict=True):
+            p.add_(z, alpha=alpha)
+        return
+    if source.cache:
+        for i, (p, u) in enumerate(zip(params, source._cached_direction(params, seed, index), strict=True)):
+            if scales is None:
+                p.add_(u, alpha=alpha)
+            elif not _fusable(p):
+                p.add_(_scale_(u.clone(), scales, i), alpha=alpha)
+            else:
+                flat, uf = p.view(-1), u.view(-1)
+                for lo in range(0, flat.numel(), SCALE_CHUNK):
+                    hi = min(lo + SCALE_CHUNK, flat.numel())
+                    z = torch.mul(uf[lo:hi], _scale_piece(scales, i, lo, hi, p.dtype))
+                    flat[lo:hi].add_(z, alpha=alpha)
+        return
+    key, offset, i = direction_seed(seed, index), 0, 0
+    while i < len(params):
+        j = i
+        while j < len(params) and not _fusable(params[j]):
+            j += 1
+        # Tensors i .. j - 1 are small (or not contiguous): drawn as the transient stream draws them.
+        run = params[i:j]
+        stream = _counter_stream(run, key, source.distribution, start=offset)
+        for k, (p, u) in enumerate(zip(run, stream, strict=True), start=i):
+            u = u.to(p.dtype)
+            p.add_(u if scales is None else _scale_(u, scales, k), alpha=alpha)
+            offset += p.numel()
+        if j == len(params):
+            break
+        p, flat = params[j], params[j].view(-1)
+        buf = source._buffer(torch.Size([SCALE_CHUNK]), p.device, torch.float32)
+        for lo in range(0, flat.numel(), SCALE_CHUNK):
+            hi = min(lo + SCALE_CHUNK, flat.numel())
+            z = fill_(buf[: hi - lo], key, offset + lo, source.distribution).to(p.dtype)
+            if scales is not None:
+                z.mul_(_scale_piece(scales, j, lo, hi, p.dtype))
+            flat[lo:hi].add_(z, alpha=alpha)
+        offset += flat.numel()
+        i = j + 1
 
 
 @torch.no_grad()

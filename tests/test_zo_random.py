@@ -166,3 +166,33 @@ def test_unknown_distribution_is_refused():
         DirectionSource(distribution="uniform")
     with pytest.raises(ValueError, match="distribution"):
         fill_(torch.empty(3), 0, 0, "cauchy")
+
+
+@pytest.mark.parametrize("cache", [False, True])
+@pytest.mark.parametrize("use_scales", ["none", "list", "inverse_sqrt"])
+def test_fused_perturbation_equals_the_transient_one(monkeypatch, cache, use_scales):
+    # perturb_ adds large tensors piece by piece; the result must be exactly x + alpha * z from the transient stream,
+    # for small and large tensors, a non-contiguous large one and a float64 one.
+    monkeypatch.setattr(zo_estimators, "SCALE_CHUNK", 1000)
+    big = zo_estimators.SCRATCH_MIN_NUMEL
+    g = torch.Generator().manual_seed(0)
+    params = [
+        torch.randn(3, generator=g),
+        torch.randn(big + 7, generator=g),
+        torch.randn(4, big // 4, generator=g).t(),
+        torch.randn(5, generator=g),
+        torch.randn(big, generator=g, dtype=torch.float64),
+    ]
+    hs = [torch.rand(p.shape, generator=g, dtype=p.dtype) + 0.5 for p in params]
+    scales = {
+        "none": None,
+        "list": [h.rsqrt() for h in hs],
+        "inverse_sqrt": InverseSqrt(hs, [p.dtype for p in params]),
+    }
+    scales = scales[use_scales]
+    src = DirectionSource(cache=cache)
+    zs = [z.clone() for z in src.transient(params, 4, 1, scales)]
+    expected = [p.clone().add_(z, alpha=0.3) for p, z in zip(params, zs, strict=True)]
+    zo_estimators.perturb_(params, src, 4, 1, 0.3, scales)
+    for p, e in zip(params, expected, strict=True):
+        assert torch.equal(p, e)
