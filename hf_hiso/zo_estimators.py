@@ -426,13 +426,16 @@ def aggregated_directions(
     """Yields, tensor by tensor, `v = (1 / P) * sum_p coefficients[p] * z_p`.
 
     The loop runs tensor-outer, direction-inner with one generator per direction advancing in parameter order, so
-    only one tensor-sized buffer per direction is alive instead of a full copy of the parameters.
+    only one tensor-sized buffer per direction is alive instead of a full copy of the parameters. The scales are
+    common to the `P` directions, so they are applied once to the sum, `v = ((1 / P) * sum_p c_p u_p) * H ** -0.5`,
+    instead of to every `u_p`: `P - 1` fewer passes over `d`; the result differs from scaling each direction by
+    float32 rounding only (a relative `~1e-7` per entry).
     """
     source = source or DirectionSource()
     num_directions = len(coefficients)
     coeffs = [float(c) / num_directions for c in coefficients]
-    streams = [source.transient(params, seed, index, scales) for index in range(num_directions)]
-    for _ in params:
+    streams = [source.transient(params, seed, index, None) for index in range(num_directions)]
+    for i, _ in enumerate(params):
         v = None
         for stream, c in zip(streams, coeffs, strict=True):
             z = next(stream)
@@ -441,4 +444,6 @@ def aggregated_directions(
                 v = z * c
             else:
                 v.add_(z, alpha=c)
+        if scales is not None:
+            _scale_(v, scales, i)
         yield v
