@@ -41,7 +41,7 @@ SCRATCH_MIN_NUMEL = 1 << 16
 GROUP_NUMEL = 1 << 20
 # `InverseSqrt.scale_` forms `H ** -0.5`, and `perturb_` adds `alpha * z` to a large tensor, in pieces of this many
 # entries: the piece of `z` stays in the CPU's cache instead of making a round trip through memory.
-SCALE_CHUNK = 1 << 18
+SCALE_CHUNK = 1 << 20
 
 
 def _splitmix64(x: int) -> int:

@@ -6,7 +6,15 @@ from reference import counter_numbers, dense_direction
 
 from hf_hiso import zo_estimators, zo_random
 from hf_hiso.zo_estimators import DirectionSource, InverseSqrt, direction_seed, iter_direction
-from hf_hiso.zo_random import CHUNK, fill_, gaussian_table, hash_counters
+from hf_hiso.zo_random import fill_, gaussian_table, hash_counters
+
+CHUNK = 1 << 10  # the generator's chunk size in these tests: several chunks at a small cost
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(zo_random, "CHUNK", CHUNK)
+
 
 # Computed once with this code on a CPU and kept: any device and any later version must give these numbers.
 # (distribution, key, start, numbers start .. start + 3)
@@ -65,13 +73,15 @@ def test_torch_generator_equals_independent_numpy_formula(distribution):
         assert torch.equal(part, full[start : start + part.numel()]), start
 
 
-def test_same_numbers_for_any_thread_count():
+def test_same_numbers_for_any_thread_count(monkeypatch):
+    # Chunks above torch's parallel grain size (32768 elements), so that 2 threads really split the work.
+    monkeypatch.setattr(zo_random, "CHUNK", 1 << 16)
     saved = torch.get_num_threads()
     out = {}
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            out[threads] = [fill_(torch.empty(3 * CHUNK * 4 + 1), 99, 2, d) for d in ("gaussian", "rademacher")]
+            out[threads] = [fill_(torch.empty(3 * (1 << 18) + 1), 99, 2, d) for d in ("gaussian", "rademacher")]
     finally:
         torch.set_num_threads(saved)
     for a, b in zip(out[1], out[2], strict=True):
