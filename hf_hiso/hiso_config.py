@@ -55,7 +55,8 @@ class ZOArguments:
         default="counter",
         metadata={
             "help": "How directions are drawn: 'counter' (a counter-based generator computed on each tensor's own "
-            "device: the same numbers on the CPU and any accelerator, for any thread count, and the fastest), 'cpu' "
+            "device: the same numbers on the CPU and any accelerator, for any thread count, never a CPU draw copied "
+            "to an accelerator), 'cpu' "
             "(torch's CPU generator, the default of versions up to 0.1: the same numbers everywhere, drawn on the CPU "
             "and copied) or 'device' (each device's torch generator: device-specific numbers). Checkpoints keep it; "
             "resuming with another one is refused.",
