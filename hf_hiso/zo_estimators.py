@@ -415,6 +415,52 @@ def directional_scalars(
     return loss0, slopes, curvatures
 
 
+def _counter_aggregate(
+    params: Sequence[torch.Tensor],
+    keys: Sequence[int],
+    coeffs: Sequence[float],
+    distribution: str,
+    scales: Sequence[torch.Tensor] | None,
+) -> Iterator[torch.Tensor]:
+    """[`aggregated_directions`] for the counter generator without the cache: large contiguous tensors are summed piece
+    by piece (no tensor-sized drawing buffer), runs of small ones through the streams; the same numbers."""
+    offset, i, buf = 0, 0, None
+    while i < len(params):
+        j = i
+        while j < len(params) and not _fusable(params[j]):
+            j += 1
+        run = params[i:j]
+        streams = [_counter_stream(run, key, distribution, start=offset) for key in keys]
+        for k, p in enumerate(run, start=i):
+            v = None
+            for stream, c in zip(streams, coeffs, strict=True):
+                z = next(stream).to(p.dtype)
+                v = z * c if v is None else v.add_(z, alpha=c)
+            yield v if scales is None else _scale_(v, scales, k)
+            offset += p.numel()
+        if j == len(params):
+            return
+        p = params[j]
+        v = torch.empty_like(p)
+        flat = v.view(-1)
+        if buf is None or buf.device != p.device:
+            buf = torch.empty(SCALE_CHUNK, device=p.device, dtype=torch.float32)
+        for lo in range(0, flat.numel(), SCALE_CHUNK):
+            hi = min(lo + SCALE_CHUNK, flat.numel())
+            piece = flat[lo:hi]
+            for t, (key, c) in enumerate(zip(keys, coeffs, strict=True)):
+                z = fill_(buf[: hi - lo], key, offset + lo, distribution).to(p.dtype)
+                if t == 0:
+                    torch.mul(z, c, out=piece)
+                else:
+                    piece.add_(z, alpha=c)
+            if scales is not None:
+                piece.mul_(_scale_piece(scales, j, lo, hi, p.dtype))
+        yield v
+        offset += flat.numel()
+        i = j + 1
+
+
 @torch.no_grad()
 def aggregated_directions(
     params: Sequence[torch.Tensor],
@@ -434,6 +480,10 @@ def aggregated_directions(
     source = source or DirectionSource()
     num_directions = len(coefficients)
     coeffs = [float(c) / num_directions for c in coefficients]
+    if not source.cache and source.generator == "counter":
+        keys = [direction_seed(seed, index) for index in range(num_directions)]
+        yield from _counter_aggregate(params, keys, coeffs, source.distribution, scales)
+        return
     streams = [source.transient(params, seed, index, None) for index in range(num_directions)]
     for i, _ in enumerate(params):
         v = None

@@ -206,3 +206,33 @@ def test_fused_perturbation_equals_the_transient_one(monkeypatch, cache, use_sca
     zo_estimators.perturb_(params, src, 4, 1, 0.3, scales)
     for p, e in zip(params, expected, strict=True):
         assert torch.equal(p, e)
+
+
+@pytest.mark.parametrize("use_scales", ["none", "list", "inverse_sqrt"])
+def test_piecewise_aggregation_equals_the_streamed_one(monkeypatch, use_scales):
+    # Without the cache, the counter generator sums large tensors piece by piece; with it, tensor by tensor from the
+    # cached directions. Both must give the same numbers, for small, large, non-contiguous and float64 tensors.
+    monkeypatch.setattr(zo_estimators, "SCALE_CHUNK", 1000)
+    big = zo_estimators.SCRATCH_MIN_NUMEL
+    params = [
+        torch.zeros(3),
+        torch.zeros(big + 7),
+        torch.zeros(big // 4, 4).t(),
+        torch.zeros(5),
+        torch.zeros(big, dtype=torch.float64),
+        torch.zeros(2, 2),
+    ]
+    g = torch.Generator().manual_seed(1)
+    hs = [torch.rand(p.shape, generator=g, dtype=p.dtype) + 0.5 for p in params]
+    scales = {
+        "none": None,
+        "list": [h.rsqrt() for h in hs],
+        "inverse_sqrt": InverseSqrt(hs, [p.dtype for p in params]),
+    }
+    scales = scales[use_scales]
+    coeffs = torch.tensor([0.7, -1.3, 2.0])
+    pieces = list(zo_estimators.aggregated_directions(params, 6, coeffs, scales, DirectionSource()))
+    streamed = list(zo_estimators.aggregated_directions(params, 6, coeffs, scales, DirectionSource(cache=True)))
+    for a, b in zip(pieces, streamed, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert torch.equal(a, b)
