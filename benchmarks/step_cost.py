@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from common import mib, peak_rss_during, run_child, short_run_kwargs  # noqa: E402
+from step_baselines import AdamWStep, MeZOStep  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
@@ -171,17 +172,26 @@ def estimators(module: ModuleType | None) -> Iterator[None]:
             setattr(zo_optimizer, name, fn)
 
 
+OLD_GENERATOR = "cpu"  # the default generator of versions up to 0.1, timed beside the current default
+
+
 def measure_cost(
     quick: bool, setup: str, reps: int, workdir: str, baseline: ModuleType | None = None
 ) -> dict[str, Any]:
-    """Interleaved timings of the floor, the step without and with the direction cache, direction generation, and,
-    with a `baseline` estimator module, the same steps with it."""
+    """Interleaved timings of the floor, the step without and with the direction cache (current default generator and
+    the old one), direction generation, MeZO's own step, a stock AdamW step and, with a `baseline` estimator module,
+    the HiSo steps with it."""
     model = load_model(quick, setup)
     batch = batch_of(load_examples(quick, BATCH))
-    variants = [(False, None), (True, None)] + ([(False, baseline), (True, baseline)] if baseline else [])
+    variants = [(False, None, None), (True, None, None), (False, None, OLD_GENERATOR), (True, None, OLD_GENERATOR)]
+    variants += [(False, baseline, None), (True, baseline, None)] if baseline else []
     trainers = {}
-    for cache, module in variants:
-        args = hiso_config(os.path.join(workdir, f"{setup}-{cache}-{module is None}"), cache, max_steps=10_000)
+    for cache, module, generator in variants:
+        name = f"{setup}-{cache}-{module is None}-{generator}"
+        overrides = {"zo_generator": generator} if generator else {}
+        if module is not None and "counter" not in getattr(module, "GENERATORS", ()):
+            overrides = {"zo_generator": OLD_GENERATOR}
+        args = hiso_config(os.path.join(workdir, name), cache, max_steps=10_000, **overrides)
         trainer = HiSoTrainer(model=model, args=args)
         trainer.create_optimizer_and_scheduler(num_training_steps=args.max_steps)
         if module is not None:
@@ -190,8 +200,8 @@ def measure_cost(
             )
         # Set by the Trainer's loop before each optimizer step; one micro-batch per step here.
         trainer.current_gradient_accumulation_steps = 1
-        trainers[cache, module is not None] = trainer
-    opt = trainers[False, False].zo_optimizer
+        trainers[cache, module is not None, generator] = trainer
+    opt = trainers[False, False, None].zo_optimizer
     params = opt.params
 
     def zo_step(trainer: HiSoTrainer, module: ModuleType | None = None) -> None:
@@ -201,7 +211,10 @@ def measure_cost(
         trainer.lr_scheduler.step()
         model.zero_grad()
 
-    floor_loss = trainers[False, False].zo_loss_fn(model, trainers[False, False]._prepare_inputs(batch))
+    floor_loss = trainers[False, False, None].zo_loss_fn(model, trainers[False, False, None]._prepare_inputs(batch))
+    # The parameters' values do not change the cost: tiny learning rates keep them near the start.
+    mezo = MeZOStep(model, floor_loss, lr=1e-12)
+    adamw = AdamWStep(model, floor_loss, lr=1e-12)
 
     def floor() -> None:
         model.eval()
@@ -210,21 +223,26 @@ def measure_cost(
                 floor_loss()
         model.train()
 
-    def generate() -> None:
+    def generate(generator: str) -> None:
         # The random draws of P directions, without the preconditioner's scaling: what the cache saves.
         for index in range(NUM_DIRECTIONS):
-            for _ in iter_direction(params, seed=12345, index=index, generator=opt.source.generator):
+            for _ in iter_direction(params, seed=12345, index=index, generator=generator):
                 pass
 
     tasks = {
         "floor": floor,
-        "step_nocache": lambda: zo_step(trainers[False, False]),
-        "step_cache": lambda: zo_step(trainers[True, False]),
-        "generate": generate,
+        "step_nocache": lambda: zo_step(trainers[False, False, None]),
+        "step_cache": lambda: zo_step(trainers[True, False, None]),
+        "step_nocache_old_generator": lambda: zo_step(trainers[False, False, OLD_GENERATOR]),
+        "step_cache_old_generator": lambda: zo_step(trainers[True, False, OLD_GENERATOR]),
+        "generate": lambda: generate(opt.source.generator),
+        "generate_old_generator": lambda: generate(OLD_GENERATOR),
+        "mezo_step": mezo.step,
+        "adamw_step": adamw.step,
     }
     if baseline is not None:
-        tasks["step_nocache_baseline"] = lambda: zo_step(trainers[False, True], baseline)
-        tasks["step_cache_baseline"] = lambda: zo_step(trainers[True, True], baseline)
+        tasks["step_nocache_baseline"] = lambda: zo_step(trainers[False, True, None], baseline)
+        tasks["step_cache_baseline"] = lambda: zo_step(trainers[True, True, None], baseline)
     names = list(tasks)
     times: dict[str, list[float]] = {name: [] for name in names}
     for rep in range(reps + 1):  # repetition 0 is the warm-up
@@ -234,14 +252,24 @@ def measure_cost(
             for name in names:
                 times[name].append(sample[name])
     out: dict[str, Any] = {"trainable": trainable_count(model), "seconds": {k: spread(v) for k, v in times.items()}}
-    for cache, generations in ((False, 3), (True, 1)):
-        key = "step_cache" if cache else "step_nocache"
-        steps, floors, gens = times[key], times["floor"], times["generate"]
-        out[key] = {
-            "over_floor": spread([s / f for s, f in zip(steps, floors, strict=True)]),
-            "generation_share": spread([generations * g / s for g, s in zip(gens, steps, strict=True)]),
-            "generations_per_direction": generations,
-        }
+    numbers = NUM_DIRECTIONS * trainable_count(model)
+    for suffix in ("", "_old_generator"):
+        out["ns_per_number" + suffix] = spread([g / numbers * 1e9 for g in times["generate" + suffix]])
+        for cache, generations in ((False, 3), (True, 1)):
+            key = ("step_cache" if cache else "step_nocache") + suffix
+            steps, floors, gens = times[key], times["floor"], times["generate" + suffix]
+            out[key] = {
+                "over_floor": spread([s / f for s, f in zip(steps, floors, strict=True)]),
+                "generation_share": spread([generations * g / s for g, s in zip(gens, steps, strict=True)]),
+                "generations_per_direction": generations,
+            }
+    # MeZO's floor is its 2 forward passes, AdamW's its 1 forward pass (backward and update are its overhead).
+    forward = [f / (NUM_DIRECTIONS + 1) for f in times["floor"]]
+    out["mezo_step"] = {"over_floor": spread([m / (2 * f) for m, f in zip(times["mezo_step"], forward, strict=True)])}
+    out["adamw_step"] = {"over_forward": spread([a / f for a, f in zip(times["adamw_step"], forward, strict=True)])}
+    out["step_nocache"]["over_mezo"] = spread(
+        [s / m for s, m in zip(times["step_nocache"], times["mezo_step"], strict=True)]
+    )
     if baseline is not None:
         for key in ("step_nocache", "step_cache"):
             base = times[f"{key}_baseline"]
@@ -326,7 +354,7 @@ def measure_memory(quick: bool, setup: str, steps: int, baseline: str | None = N
         "peak_over_adamw": {k: v["peak_bytes"] / runs["adamw"]["peak_bytes"] for k, v in runs.items()},
         "analytical_bytes": {
             "hiso_hessian": 4 * d,
-            "hiso_scales": 4 * d,  # H ** -0.5, kept between steps by HiSoOptimizer.scales()
+            "hiso_scales": 0,  # H ** -0.5 is computed from H when read (hf_hiso.zo_estimators.InverseSqrt)
             "hiso_direction_cache": 4 * NUM_DIRECTIONS * d,
             "adamw_state_and_grads": 3 * 4 * d,
         },
@@ -392,10 +420,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 print(f"\n## step cost, {setup} ({cost['trainable']:,} trainable), median [min, max]")
                 print(f"forward pass            {fmt(cost['forward_s'], 3)} s")
                 print(f"floor (P+1 forwards)    {fmt(sec['floor'], 3)} s")
-                print(f"P directions drawn      {fmt(sec['generate'], 3)} s")
+                print(
+                    f"P directions drawn      {fmt(sec['generate'], 3)} s ({fmt(cost['ns_per_number'])} ns a number); "
+                    f"old generator {fmt(sec['generate_old_generator'], 3)} s "
+                    f"({fmt(cost['ns_per_number_old_generator'])} ns)"
+                )
+                print(
+                    f"MeZO's step (P = 1, central) {fmt(sec['mezo_step'], 3)} s, step / 2 forwards "
+                    f"{fmt(cost['mezo_step']['over_floor'])}; HiSo no cache / MeZO "
+                    f"{fmt(cost['step_nocache']['over_mezo'])}"
+                )
+                print(
+                    f"AdamW step (fwd + bwd + step) {fmt(sec['adamw_step'], 3)} s, "
+                    f"step / forward {fmt(cost['adamw_step']['over_forward'])}"
+                )
                 for key, label in (
                     ("step_nocache", "cache_directions=False"),
                     ("step_cache", "cache_directions=True"),
+                    ("step_nocache_old_generator", f"  {OLD_GENERATOR!r}, no cache"),
+                    ("step_cache_old_generator", f"  {OLD_GENERATOR!r}, cache"),
                 ):
                     print(
                         f"{label:23s} step {fmt(sec[key], 3)} s, step / floor {fmt(cost[key]['over_floor'])}, "

@@ -53,11 +53,23 @@ class ZOArguments:
         },
     )
     zo_generator: str = field(
-        default="cpu",
+        default="counter",
         metadata={
-            "help": "Where directions are drawn: 'cpu' (the same numbers on every device: needed when parties on "
-            "different hardware rebuild each other's updates) or 'device' (faster on GPUs, device-specific numbers).",
-            "choices": ["cpu", "device"],
+            "help": "How directions are drawn: 'counter' (a counter-based generator computed on each tensor's own "
+            "device: the same numbers on the CPU and any accelerator, for any thread count, never a CPU draw copied "
+            "to an accelerator), 'cpu' "
+            "(torch's CPU generator, the default of versions up to 0.1: the same numbers everywhere, drawn on the CPU "
+            "and copied) or 'device' (each device's torch generator: device-specific numbers). Checkpoints keep it; "
+            "resuming with another one is refused.",
+            "choices": ["counter", "cpu", "device"],
+        },
+    )
+    zo_distribution: str = field(
+        default="gaussian",
+        metadata={
+            "help": "Distribution of the directions' entries: 'gaussian' or 'rademacher' (+-1; cheaper to draw). "
+            "Both have E[u u^T] = I.",
+            "choices": ["gaussian", "rademacher"],
         },
     )
     zo_cache_directions: str = field(
@@ -157,6 +169,7 @@ class ZOArguments:
             hessian_damping=self.zo_hessian_damping,
             hessian_update=self.zo_hessian_update,
             generator=self.zo_generator,
+            distribution=self.zo_distribution,
             prefix="zo_",
         )
         if self.zo_curvature_blocks not in BLOCKINGS:
@@ -188,6 +201,7 @@ class ZOArguments:
             "hessian_damping": self.zo_hessian_damping,
             "hessian_update": self.zo_hessian_update,
             "generator": self.zo_generator,
+            "distribution": self.zo_distribution,
             "cache_directions": self.zo_cache_directions,
             "skip_nonfinite": self.zo_skip_nonfinite,
             "seed": seed,

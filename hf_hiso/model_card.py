@@ -67,6 +67,7 @@ ZO_LABELS = {
     "zo_hessian_damping": "H damping eps (`zo_hessian_damping`)",
     "zo_hessian_update": "local steps that update H (`zo_hessian_update`)",
     "zo_generator": "direction generator (`zo_generator`)",
+    "zo_distribution": "direction distribution (`zo_distribution`)",
 }
 
 

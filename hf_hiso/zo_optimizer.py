@@ -30,8 +30,10 @@ from .curvature import (
 )
 from .zo_estimators import (
     DIFFERENCES,
+    DISTRIBUTIONS,
     GENERATORS,
     DirectionSource,
+    InverseSqrt,
     aggregated_directions,
     directional_scalars,
     step_seed,
@@ -79,7 +81,7 @@ class NonFiniteScalarError(FloatingPointError):
 class HiSoOptimizer(torch.optim.Optimizer):
     r"""Zeroth-order SGD with HiSo's diagonal preconditioner (Li et al., ICLR 2026).
 
-    With step seed `s`, directions `u_p ~ N(0, I)` from a private generator seeded by `(s, p)` and
+    With step seed `s`, directions `u_p` (`E[u u^T] = I`) that are a function of `(s, p)` only, and
     `z_p = u_p / sqrt(H)`:
 
         g_p = (f(x + mu z_p) - f(x)) / mu                      (forward difference, P + 1 forward passes)
@@ -100,7 +102,11 @@ class HiSoOptimizer(torch.optim.Optimizer):
         hessian_smooth: `beta`, the weight of the old `H`.
         hessian_damping: `eps` added to `v ** 2`.
         hessian_update: `"last_local_step"` (the paper) or `"all_local_steps"` when a step queues several local steps.
-        generator: `"cpu"` (identical directions on any device) or `"device"` (faster, device-specific numbers).
+        generator: `"counter"` (default: a counter-based generator computed on each tensor's device, the same numbers
+            on every device and thread count), `"cpu"` (torch's CPU generator, the default of versions up to 0.1) or
+            `"device"` (each device's torch generator, device-specific numbers); see `hf_hiso.zo_estimators`. Kept in
+            the optimizer state: a checkpoint written with another generator is refused on load.
+        distribution: `"gaussian"` (default) or `"rademacher"` directions.
         cache_directions: keep the step's directions in memory (`P * d` values) instead of regenerating them for the
             perturbation, the restoration and the update; `"auto"` caches when they take at most `CACHE_AUTO_BYTES`
             (1 GiB). The directions, and so the results, are the same either way.
@@ -129,7 +135,8 @@ class HiSoOptimizer(torch.optim.Optimizer):
         hessian_smooth: float = 0.95,
         hessian_damping: float = 1e-8,
         hessian_update: str = "last_local_step",
-        generator: str = "cpu",
+        generator: str = "counter",
+        distribution: str = "gaussian",
         cache_directions: bool | str = "auto",
         seed: int = 42,
         skip_nonfinite: bool = False,
@@ -151,6 +158,7 @@ class HiSoOptimizer(torch.optim.Optimizer):
             hessian_damping=hessian_damping,
             hessian_update=hessian_update,
             generator=generator,
+            distribution=distribution,
         )
         curvature_kwargs = {
             "every": curvature_every,
@@ -181,13 +189,19 @@ class HiSoOptimizer(torch.optim.Optimizer):
         cache_directions = parse_cache_setting(cache_directions)
         if cache_directions == "auto":
             cache_directions = self.direction_cache_bytes() <= CACHE_AUTO_BYTES
-        self.source = DirectionSource(generator=generator, cache=cache_directions)
+        self.source = DirectionSource(generator=generator, cache=cache_directions, distribution=distribution)
         self.pending: list[PendingUpdate] = []
         # Hook for data parallelism: maps the stacked pending scalars to their mean over processes.
         self.scalar_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
-        self._scales: list[torch.Tensor] | None = None
+        self._scales: InverseSqrt | None = None
         # `forward_passes` is the trainer's count of loss evaluations (kept here so that checkpoints hold it).
-        self.state["hiso"] = {"step": 0, "seed": int(seed), "skipped_steps": 0, "forward_passes": 0}
+        self.state["hiso"] = {
+            "step": 0,
+            "seed": int(seed),
+            "skipped_steps": 0,
+            "forward_passes": 0,
+            "directions": self.source.name,
+        }
         self.last_loss: float | None = None
         self.last_slopes: torch.Tensor | None = None
         # Loss evaluations of the last `measure` (P + 1 or 2P + 1; varies by step with the curvature extension).
@@ -237,14 +251,15 @@ class HiSoOptimizer(torch.optim.Optimizer):
         return out
 
     def scales(self) -> list[torch.Tensor] | None:
-        """`H ** -0.5` per tensor in the parameters' dtype, cached until `H` changes."""
+        """`H ** -0.5` per tensor in the parameters' dtype: computed from `H` when read (an [`InverseSqrt`]), not kept
+        beside it."""
         if self.curvature is not None:
             base = self.state["curvature"]["hessian"].rsqrt()
             return [base[b].to(p.dtype) for b, p in zip(self.curvature.block_of, self.params, strict=True)]
         if not self.preconditioner:
             return None
         if self._scales is None:
-            self._scales = [h.rsqrt().to(p.dtype) for h, p in zip(self.hessian(), self.params, strict=True)]
+            self._scales = InverseSqrt(self.hessian(), [p.dtype for p in self.params])
         return self._scales
 
     def block_hessian(self) -> dict[str, torch.Tensor] | None:
@@ -274,7 +289,10 @@ class HiSoOptimizer(torch.optim.Optimizer):
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
+        check_directions(state_dict.get("state", {}).get("hiso", {}), self.source.name)
         super().load_state_dict(state_dict)
+        # A new dict: torch keeps non-parameter state by reference (state from before the key existed gains it).
+        self.state["hiso"] = {**self.state["hiso"], "directions": self.source.name}
         if self.curvature is not None:
             if "curvature" not in self.state:
                 raise ValueError("The checkpoint holds no curvature state, but this optimizer has `curvature=True`.")
@@ -485,6 +503,27 @@ def check_step_settings(lr: object, weight_decay: object, prefix: str = "") -> N
         raise ValueError(f"`weight_decay` must be a finite number >= 0, got {weight_decay!r}")
 
 
+def check_directions(saved: Mapping[str, Any], current: str) -> None:
+    """Refuses optimizer state measured with other directions than `current` (`"<generator>/<distribution>"`): its
+    `H` and any replay of its seeds would not match. State without the key predates the counter generator and was
+    drawn with `"cpu"` (the default then) or `"device"`, with Gaussian directions."""
+    name = saved.get("directions")
+    if name is None:
+        if current in ("cpu/gaussian", "device/gaussian"):
+            return
+        raise ValueError(
+            "This optimizer state was written by a version whose directions came from torch's generators (`generator="
+            f"'cpu'`, the default then, or 'device'), but this optimizer draws {current!r}. Resume it with "
+            "`zo_generator='cpu'` (or the generator it was trained with) and `zo_distribution='gaussian'`."
+        )
+    if name != current:
+        gen, dist = name.split("/")
+        raise ValueError(
+            f"This optimizer state was measured with {name!r} directions, but this optimizer draws {current!r}. "
+            f"Resume it with `zo_generator={gen!r}` and `zo_distribution={dist!r}`."
+        )
+
+
 def check_zo_settings(
     *,
     zo_eps: float,
@@ -494,6 +533,7 @@ def check_zo_settings(
     hessian_damping: float,
     hessian_update: str,
     generator: str,
+    distribution: str = "gaussian",
     prefix: str = "",
 ) -> None:
     """Raises a `ValueError` naming the field and the allowed values for the first invalid ZO setting. `prefix`
@@ -523,3 +563,5 @@ def check_zo_settings(
         raise bad("hessian_update", f"one of {HESSIAN_UPDATES}", hessian_update)
     if generator not in GENERATORS:
         raise bad("generator", f"one of {GENERATORS}", generator)
+    if distribution not in DISTRIBUTIONS:
+        raise bad("distribution", f"one of {DISTRIBUTIONS}", distribution)

@@ -213,6 +213,24 @@ def test_messages_carry_seeds_lrs_and_scalars_only(tmp_path):
     for (r, seeds, lr, scalars), h in zip(decoded.catchup, history, strict=True):
         assert (r, seeds, lr) == (h.round_idx, h.seeds, h.lrs[0])
         assert torch.equal(scalars, h.scalars)
+    assert decoded.directions is None
+    named = decode_train(encode_train(3, [11, 12], 0.5, history, directions="counter/gaussian"), P)
+    assert named.directions == "counter/gaussian"
+
+
+def test_client_refuses_seeds_of_other_directions(tmp_path, caplog):
+    """The server names its directions in every round; a client drawing others fails its round instead of applying
+    updates that are not the server's."""
+    data = toy_dataset(N)
+    server_args = settings(tmp_path, "server", max_steps=1)
+    client = HiSoClient(tiny_bert, settings(tmp_path, "client", max_steps=1, zo_generator="cpu"), shard_fn(data))
+    strategy = HiSoStrategy(server_args, 1, NUM_CLIENTS, PER_ROUND, TAU, replica_model=tiny_bert())
+    assert strategy.directions == "counter/gaussian"
+    grid = LocalGrid(make_client_app(client), NUM_CLIENTS)
+    with caplog.at_level("WARNING"):
+        strategy.run(grid, timeout=5.0)
+    assert strategy.failed_replies == PER_ROUND
+    assert "draws 'cpu/gaussian'" in caplog.text
 
 
 def test_returning_client_catches_up_from_history(tmp_path):

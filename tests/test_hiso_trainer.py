@@ -178,6 +178,7 @@ def test_hf_argument_parser_reads_zo_fields(tmp_path):
         ({"zo_hessian_smooth": 1.5}, "zo_hessian_smooth"),
         ({"zo_hessian_update": "sometimes"}, "zo_hessian_update"),
         ({"zo_generator": "tpu"}, "zo_generator"),
+        ({"zo_distribution": "uniform"}, "zo_distribution"),
         ({"zo_cache_directions": "maybe"}, "zo_cache_directions"),
         ({"fp16": True}, "fp16"),
         ({"deepspeed": "ds_config.json"}, "deepspeed"),

@@ -269,6 +269,9 @@ def _train_objective(tmp_path, metric: str, zo_eps: float, steps: int, lr: float
         zo_eps=zo_eps,
         zo_num_directions=4,
         zo_preconditioner=False,
+        # The thresholds below were set on this generator's trajectory (one seed, 80 steps): pinned so that they
+        # keep testing the objectives, not the luck of other directions.
+        zo_generator="cpu",
         logging_steps=steps,
         save_strategy="no",
         report_to="none",

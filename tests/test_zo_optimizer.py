@@ -35,6 +35,7 @@ def test_fast_step_equals_dense_reference(preconditioner, difference):
     opt.step(loss_fn)
     h = torch.cat([h.flatten() for h in opt.hessian()]) if preconditioner else None
     seed = opt.current_seed()
+    _, slopes, _ = opt.measure(loss_fn, seed)
     x_ref, h_ref, g_ref = reference_step(
         model,
         names,
@@ -45,8 +46,8 @@ def test_fast_step_equals_dense_reference(preconditioner, difference):
         num_directions=3,
         hessian=h,
         difference=difference,
+        slopes=slopes,
     )
-    _, slopes, _ = opt.measure(loss_fn, seed)
     torch.testing.assert_close(slopes.double(), g_ref.double(), rtol=1e-4, atol=1e-3)
     opt.accumulate(seed, slopes)
     opt.step()
@@ -152,6 +153,7 @@ def test_plain_pytorch_loop_decreases_loss():
         ({"hessian_damping": -1.0}, "hessian_damping"),
         ({"hessian_update": "first"}, "hessian_update"),
         ({"generator": "tpu"}, "generator"),
+        ({"distribution": "uniform"}, "distribution"),
         ({"cache_directions": "sometimes"}, "cache_directions"),
     ],
 )
@@ -187,3 +189,53 @@ def test_auto_cache_follows_the_memory_budget(monkeypatch):
     monkeypatch.setattr(zo, "CACHE_AUTO_BYTES", opt.direction_cache_bytes() - 1)
     assert HiSoOptimizer(params, num_directions=5).cache_directions is False
     assert HiSoOptimizer(params, num_directions=5, cache_directions="true").cache_directions is True
+
+
+@pytest.mark.parametrize("generator", ["counter", "cpu"])
+def test_rademacher_step_uses_sign_directions(generator):
+    x = torch.nn.Parameter(torch.zeros(70))
+    opt = HiSoOptimizer(
+        [x], lr=0.5, num_directions=2, preconditioner=False, generator=generator, distribution="rademacher"
+    )
+    seed = opt.current_seed()
+    opt.accumulate(seed, torch.tensor([1.0, 3.0]))
+    opt.step()
+    u = [next(opt.source.direction([x], seed, p)) for p in range(2)]
+    assert all(set(v.unique().tolist()) == {-1.0, 1.0} for v in u)
+    if generator == "counter":
+        torch.testing.assert_close(u[1], dense_direction([x.shape], seed, 1, distribution="rademacher"))
+    torch.testing.assert_close(x.detach(), -0.5 / 2 * (u[0] + 3 * u[1]))
+
+
+def _trained_state(**kwargs):
+    x = torch.nn.Parameter(torch.zeros(5))
+    opt = HiSoOptimizer([x], lr=0.1, **kwargs)
+    opt.step(lambda: (x - 1).pow(2).sum())
+    return opt.state_dict()
+
+
+def test_checkpoint_of_other_directions_is_refused():
+    sd = _trained_state(generator="cpu")
+    assert sd["state"]["hiso"]["directions"] == "cpu/gaussian"
+    y = torch.nn.Parameter(torch.zeros(5))
+    with pytest.raises(ValueError, match="zo_generator='cpu'"):
+        HiSoOptimizer([y], lr=0.1).load_state_dict(sd)
+    with pytest.raises(ValueError, match="zo_distribution='rademacher'"):
+        HiSoOptimizer([y], lr=0.1).load_state_dict(_trained_state(distribution="rademacher"))
+    opt = HiSoOptimizer([y], lr=0.1, generator="cpu")
+    opt.load_state_dict(sd)
+    assert opt.global_step == 1
+
+
+def test_checkpoint_from_before_the_counter_generator():
+    # State written before the key existed was drawn by torch's generators ("cpu" by default): loadable by an
+    # optimizer with generator="cpu" (which then records it), refused with a clear message by the counter default.
+    sd = _trained_state(generator="cpu")
+    del sd["state"]["hiso"]["directions"]
+    y = torch.nn.Parameter(torch.zeros(5))
+    with pytest.raises(ValueError, match="written by a version whose directions came from torch's generators"):
+        HiSoOptimizer([y], lr=0.1).load_state_dict(sd)
+    opt = HiSoOptimizer([y], lr=0.1, generator="cpu")
+    opt.load_state_dict(sd)
+    assert opt.state["hiso"]["directions"] == "cpu/gaussian"
+    assert "directions" not in sd["state"]["hiso"]

@@ -202,6 +202,12 @@ class HiSoClient:
         trainer, opt = engine.trainer, engine.trainer.zo_optimizer
         client = self.client_id_fn(context)
         instruction = decode_train(message.content, opt.num_directions)
+        if instruction.directions is not None and instruction.directions != opt.source.name:
+            raise ValueError(
+                f"The server's seeds stand for {instruction.directions!r} directions but client {client} draws "
+                f"{opt.source.name!r}: set the same `zo_generator` and `zo_distribution` on the server and on every "
+                "client."
+            )
         state = self._load_state(context) or engine.initial
         self._restore(opt, state)
         last_sync = int(state["last_sync"])

@@ -55,6 +55,8 @@ class TrainInstruction:
     seeds: list[int]
     lr: float
     catchup: list[tuple[int, list[int], float, torch.Tensor | None]]
+    # `"<generator>/<distribution>"` of the server's directions (`DirectionSource.name`); `None` if not sent.
+    directions: str | None = None
 
     def history(self, group_lr_ratios: list[float]) -> list[RoundRecord]:
         """The catch-up rounds as `RoundRecord`s, each group's learning rate `lr * ratio` (HiSoTrainer's groups share
@@ -65,8 +67,11 @@ class TrainInstruction:
         ]
 
 
-def encode_train(round_idx: int, seeds: list[int], lr: float, history: list[RoundRecord]) -> RecordDict:
-    """The downlink `RecordDict` of a round: its seeds and learning rate, and the history the client must replay.
+def encode_train(
+    round_idx: int, seeds: list[int], lr: float, history: list[RoundRecord], directions: str | None = None
+) -> RecordDict:
+    """The downlink `RecordDict` of a round: its seeds and learning rate, the history the client must replay and,
+    if given, the name of the directions the seeds stand for (`"counter/gaussian"`; clients refuse other ones).
     `history[i].lrs[0]` is taken as round `i`'s learning rate."""
     moved = [h.scalars is not None for h in history]
     stacked = [h.scalars for h in history if h.scalars is not None]
@@ -82,6 +87,8 @@ def encode_train(round_idx: int, seeds: list[int], lr: float, history: list[Roun
             "catchup-scalars": scalars_to_bytes(torch.stack(stacked)) if stacked else b"",
         }
     )
+    if directions is not None:
+        config["directions"] = str(directions)
     return RecordDict({RECORD: config})
 
 
@@ -102,7 +109,8 @@ def decode_train(content: RecordDict, num_directions: int) -> TrainInstruction:
         if moved[i]:
             record_scalars, row = scalars[row], row + 1
         catchup.append((r, flat_seeds[i * tau : (i + 1) * tau], float(config["catchup-lrs"][i]), record_scalars))
-    return TrainInstruction(int(config["round"]), seeds, float(config["lr"]), catchup)
+    directions = config.get("directions")
+    return TrainInstruction(int(config["round"]), seeds, float(config["lr"]), catchup, directions)
 
 
 def encode_reply(

@@ -125,7 +125,10 @@ class HiSoStrategy(Strategy):
         self.min_available_nodes = num_clients if min_available_nodes is None else min_available_nodes
         self.node_wait_timeout = node_wait_timeout
         self.query_timeout = query_timeout
-        self.num_directions = ZOArguments.from_args(args).zo_num_directions
+        zo_args = ZOArguments.from_args(args)
+        self.num_directions = zo_args.zo_num_directions
+        # Sent with every round: a client drawing other directions would apply updates that are not the server's.
+        self.directions = f"{zo_args.zo_generator}/{zo_args.zo_distribution}"
         self.server = FederatedServer(
             num_clients,
             clients_per_round,
@@ -221,7 +224,7 @@ class HiSoStrategy(Strategy):
                 absent.append(client)
                 continue
             history = self.server.catch_up_payload(client)
-            content = encode_train(plan.round_idx, plan.seeds, lr, history)
+            content = encode_train(plan.round_idx, plan.seeds, lr, history, directions=self.directions)
             if self.verify_replicas:
                 content.config_records[RECORD]["verify"] = True
             messages.append(
