@@ -20,6 +20,8 @@ MASK64 = (1 << 64) - 1
 
 GENERATORS = ("cpu", "device")
 DIFFERENCES = ("forward", "central")
+# "gaussian": u ~ N(0, I). "rademacher": independent +-1 entries (every direction has norm sqrt(d); E[u u^T] = I too).
+DISTRIBUTIONS = ("gaussian", "rademacher")
 # Tensors from this size on (256 KiB in float32) are drawn into reused scratch buffers: the C allocator maps such
 # blocks fresh from the OS, page faults included, while smaller ones come cheaply from its heap.
 SCRATCH_MIN_NUMEL = 1 << 16
@@ -43,12 +45,27 @@ def step_seed(base_seed: int, step: int) -> int:
     return direction_seed(base_seed, (1 << 32) + int(step))
 
 
+def _draw(
+    shape: torch.Size, gen: torch.Generator, device: torch.device, distribution: str, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One tensor of a direction in float32: `randn` (the reference call) or +-1 entries from `random_(0, 2)`; `out`
+    (contiguous float32) receives exactly the numbers a fresh tensor would."""
+    if distribution == "rademacher":
+        out = torch.empty(shape, device=device, dtype=torch.float32) if out is None else out
+        return out.random_(0, 2, generator=gen).mul_(2.0).sub_(1.0)
+    if out is not None and device.type == "cpu":
+        # `normal_` on a contiguous float32 tensor draws exactly the numbers of `torch.randn` (tested).
+        return out.normal_(generator=gen)
+    return torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+
+
 def iter_direction(
     params: Sequence[torch.Tensor],
     seed: int,
     index: int,
     scales: Sequence[torch.Tensor] | None = None,
     generator: str = "cpu",
+    distribution: str = "gaussian",
 ) -> Iterator[torch.Tensor]:
     """Yields `z_p` tensor by tensor (lazily, so only one tensor-sized buffer is alive at a time).
 
@@ -60,6 +77,7 @@ def iter_direction(
         generator: `"cpu"` draws `u_p ~ N(0, I)` in float32 on the CPU and moves it to the tensor's device: the same
             numbers on every machine and device. `"device"` draws on each tensor's own device (faster on GPUs, but a
             CUDA generator gives other numbers than a CPU one, so every party must use the same kind of device).
+        distribution: `"gaussian"` (`u_p ~ N(0, I)`) or `"rademacher"` (independent +-1 entries).
     """
     gens: dict[torch.device, torch.Generator] = {}
     dseed = direction_seed(seed, index)
@@ -68,7 +86,7 @@ def iter_direction(
         gen = gens.get(dev)
         if gen is None:
             gen = gens[dev] = torch.Generator(device=dev).manual_seed(dseed)
-        u = torch.randn(p.shape, generator=gen, device=dev, dtype=torch.float32)
+        u = _draw(p.shape, gen, dev, distribution)
         u = u.to(device=p.device, dtype=p.dtype, non_blocking=True)
         if scales is not None:
             u.mul_(scales[i])
@@ -86,10 +104,13 @@ class DirectionSource:
     on CPU a fresh tensor of that size pays its page faults again on every allocation (`benchmarks/step_cost.py`).
     """
 
-    def __init__(self, generator: str = "cpu", cache: bool = False):
+    def __init__(self, generator: str = "cpu", cache: bool = False, distribution: str = "gaussian"):
         if generator not in GENERATORS:
             raise ValueError(f"generator must be one of {GENERATORS}, got {generator!r}")
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
         self.generator = generator
+        self.distribution = distribution
         self.cache = cache
         self._cached_seed: int | None = None
         self._cached: dict[int, list[torch.Tensor]] = {}
@@ -105,7 +126,8 @@ class DirectionSource:
             self._cached_seed = seed
         us = self._cached.get(index)
         if us is None:
-            us = self._cached[index] = list(iter_direction(params, seed, index, None, self.generator))
+            us = list(iter_direction(params, seed, index, None, self.generator, self.distribution))
+            self._cached[index] = us
         return us
 
     def _buffer(self, shape: torch.Size, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -121,7 +143,7 @@ class DirectionSource:
         """Yields `z_p` tensor by tensor as new tensors (a cached `u_p` itself when `scales` is `None`: do not modify
         it in place)."""
         if not self.cache:
-            yield from iter_direction(params, seed, index, scales, self.generator)
+            yield from iter_direction(params, seed, index, scales, self.generator, self.distribution)
             return
         for i, u in enumerate(self._cached_direction(params, seed, index)):
             yield u if scales is None else u * scales[i]
@@ -149,12 +171,9 @@ class DirectionSource:
             if gen is None:
                 gen = gens[dev] = torch.Generator(device=dev).manual_seed(dseed)
             large = p.numel() >= SCRATCH_MIN_NUMEL
-            if large and dev.type == "cpu":
-                # `normal_` on a contiguous float32 tensor draws exactly the numbers of `torch.randn` (tested).
-                u = self._buffer(p.shape, dev, torch.float32).normal_(generator=gen)
-            else:
-                # Accelerator allocators recycle memory without page faults; keep the reference call there.
-                u = torch.randn(p.shape, generator=gen, device=dev, dtype=torch.float32)
+            # Accelerator allocators recycle memory without page faults: large CPU tensors only use the scratch buffer.
+            out = self._buffer(p.shape, dev, torch.float32) if large and dev.type == "cpu" else None
+            u = _draw(p.shape, gen, dev, self.distribution, out)
             if u.device != p.device or u.dtype != p.dtype:
                 if large and p.device.type == "cpu":
                     u = self._buffer(p.shape, p.device, p.dtype).copy_(u)

@@ -15,7 +15,7 @@ The preconditioner (`state[param]["hessian"]`) and the step counter (`state["his
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,8 +27,10 @@ from .curvature import (
     block_directional_scalars,
     check_curvature_settings,
 )
+from .estimators import ZOEstimator, resolve_estimator
 from .zo_estimators import (
     DIFFERENCES,
+    DISTRIBUTIONS,
     GENERATORS,
     DirectionSource,
     aggregated_directions,
@@ -107,6 +109,12 @@ class HiSoOptimizer(torch.optim.Optimizer):
             what `zo_curvature_blocks="role"` builds in [`HiSoTrainer`]) or a block id per tensor.
         curvature_every, curvature_forget, curvature_floor, curvature_spread, curvature_prior, curvature_target,
             curvature_steps: see [`~hf_hiso.curvature.BlockCurvature`] (`every`, ..., `target`, `steps`).
+        distribution: `"gaussian"` (`u_p ~ N(0, I)`, the paper) or `"rademacher"` (independent +-1 entries: every
+            direction has norm `sqrt(d)`; `E[u u^T] = I` as well, so the estimator keeps its mean).
+        estimator: how directions are chosen and scalars become update coefficients ([`~hf_hiso.estimators`]): a
+            registered name (`"default"`: HiSo / DeComFL as above; `"normalized"`, `"subset"`: experimental, in
+            `hf_hiso.experimental`), a [`~hf_hiso.estimators.ZOEstimator`] subclass or an instance.
+        estimator_kwargs: settings of a named estimator (a dict or a JSON object string).
     """
 
     def __init__(
@@ -135,6 +143,9 @@ class HiSoOptimizer(torch.optim.Optimizer):
         curvature_prior: float = 0.1,
         curvature_target: str = "curvature",
         curvature_steps: int = 0,
+        distribution: str = "gaussian",
+        estimator: str | ZOEstimator | type[ZOEstimator] | None = None,
+        estimator_kwargs: Mapping[str, Any] | str | None = None,
     ):
         check_zo_settings(
             zo_eps=zo_eps,
@@ -144,6 +155,7 @@ class HiSoOptimizer(torch.optim.Optimizer):
             hessian_damping=hessian_damping,
             hessian_update=hessian_update,
             generator=generator,
+            distribution=distribution,
         )
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
@@ -158,6 +170,12 @@ class HiSoOptimizer(torch.optim.Optimizer):
         }
         if curvature:
             check_curvature_settings(**curvature_kwargs)
+        self.estimator = resolve_estimator(estimator, estimator_kwargs)
+        if curvature and type(self.estimator) is not ZOEstimator:
+            raise ValueError(
+                f"`estimator` must be 'default' with the curvature extension (`curvature=True`), got "
+                f"{self.estimator.name!r}: the block curvature preconditioner sets the directions itself."
+            )
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
         self.zo_eps = zo_eps
         self.num_directions = num_directions
@@ -170,13 +188,16 @@ class HiSoOptimizer(torch.optim.Optimizer):
         cache_directions = parse_cache_setting(cache_directions)
         if cache_directions == "auto":
             cache_directions = self.direction_cache_bytes() <= CACHE_AUTO_BYTES
-        self.source = DirectionSource(generator=generator, cache=cache_directions)
+        self.source = DirectionSource(generator=generator, cache=cache_directions, distribution=distribution)
         self.pending: list[PendingUpdate] = []
         # Hook for data parallelism: maps the stacked pending scalars to their mean over processes.
         self.scalar_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._scales: list[torch.Tensor] | None = None
         # `forward_passes` is the trainer's count of loss evaluations (kept here so that checkpoints hold it).
         self.state["hiso"] = {"step": 0, "seed": int(seed), "skipped_steps": 0, "forward_passes": 0}
+        # The estimator's state: a function of the averaged scalars applied so far (checkpointed, replayed).
+        self.estimator.bind(self.params, self.param_groups)
+        self.state["estimator"] = {"name": self.estimator.name, **self.estimator.init_state()}
         self.last_loss: float | None = None
         self.last_slopes: torch.Tensor | None = None
         # Loss evaluations of the last `measure` (P + 1 or 2P + 1; varies by step with the curvature extension).
@@ -264,6 +285,7 @@ class HiSoOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
+        self._load_estimator_state()
         if self.curvature is not None:
             if "curvature" not in self.state:
                 raise ValueError("The checkpoint holds no curvature state, but this optimizer has `curvature=True`.")
@@ -274,6 +296,20 @@ class HiSoOptimizer(torch.optim.Optimizer):
             self.curvature.check_state(self.state["curvature"])
         self._scales = None
         self.source.clear()
+
+    def _load_estimator_state(self) -> None:
+        est = self.state.get("estimator")
+        if est is None and type(self.estimator) is ZOEstimator:
+            # A checkpoint written before estimators existed: HiSo / DeComFL have no estimator state.
+            est = {"name": self.estimator.name}
+        if est is None or est.get("name") != self.estimator.name:
+            found = None if est is None else est.get("name")
+            raise ValueError(
+                f"The checkpoint was written with estimator {found!r}, but this optimizer uses "
+                f"{self.estimator.name!r} (`estimator`): resume with the same estimator."
+            )
+        # An own copy: torch keeps non-parameter state by reference, and the source may go on training.
+        self.state["estimator"] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in est.items()}
 
     # ---- the two halves of a step --------------------------------------------------------------------------------
 
@@ -286,6 +322,9 @@ class HiSoOptimizer(torch.optim.Optimizer):
         seed = self.current_seed() if seed is None else seed
         if self.curvature is not None:
             return self._measure_blocks(loss_fn, seed, loss0)
+        factors = self.estimator.direction_factors(self.state["estimator"], seed, self.num_directions)
+        if factors is not None:
+            return self._measure_factors(loss_fn, seed, factors, loss0)
         per_direction = 1 if self.difference == "forward" else 2
         self.last_forward_passes = per_direction * self.num_directions + (1 if loss0 is None else 0)
         return directional_scalars(
@@ -299,6 +338,19 @@ class HiSoOptimizer(torch.optim.Optimizer):
             source=self.source,
             loss0=loss0,
         )
+
+    def _measure_factors(
+        self, loss_fn: Callable[[], torch.Tensor], seed: int, factors: list[list[float]], loss0: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # The estimator's per-direction factors times H ** -0.5 (floats alone without HiSo's preconditioner).
+        base = self.scales()
+        scales = factors if base is None else [[b * f for b, f in zip(base, row, strict=True)] for row in factors]
+        central = self.difference == "central"
+        loss0, slopes, curvatures, passes = block_directional_scalars(
+            loss_fn, self.params, seed, scales, self.zo_eps, central, self.source, loss0=loss0
+        )
+        self.last_forward_passes = passes
+        return loss0, slopes, curvatures
 
     def _measure_blocks(
         self, loss_fn: Callable[[], torch.Tensor], seed: int, loss0: torch.Tensor | None
@@ -384,7 +436,7 @@ class HiSoOptimizer(torch.optim.Optimizer):
         scales = self.scales()
         lrs = [group["lr"] for group in self.param_groups for _ in group["params"]]
         wds = [group["weight_decay"] for group in self.param_groups for _ in group["params"]]
-        streams = [aggregated_directions(params, u.seed, u.slopes, scales=scales, source=self.source) for u in updates]
+        streams = [self._update_stream(u, scales, update_hessian) for u in updates]
         hs = self.hessian() if (update_hessian and self.preconditioner) else None
         beta, eps = self.hessian_smooth, self.hessian_damping
         for i, p in enumerate(params):
@@ -399,6 +451,21 @@ class HiSoOptimizer(torch.optim.Optimizer):
                     hs[i].mul_(beta).add_(v.float().square().add_(eps), alpha=1.0 - beta)
         if hs is not None:
             self._scales = None
+
+    def _update_stream(
+        self, update: PendingUpdate, scales: list[torch.Tensor] | None, update_state: bool
+    ) -> Iterator[torch.Tensor]:
+        """`v = (1 / P) sum_p c_p z_p` tensor by tensor, with the estimator's coefficients `c` and direction factors
+        (the factors first: they are those the scalars were measured with, before the state update)."""
+        state = self.state["estimator"]
+        factors = self.estimator.direction_factors(state, update.seed, len(update.slopes))
+        coeffs = self.estimator.coefficients(state, update.slopes, update_state)
+        if factors is None:
+            return aggregated_directions(self.params, update.seed, coeffs, scales=scales, source=self.source)
+        stream = block_aggregated_directions(self.params, update.seed, coeffs, factors, self.source)
+        if scales is None:
+            return stream
+        return (v.mul_(s) for v, s in zip(stream, scales, strict=True))
 
     @torch.no_grad()
     def _apply_block_updates(self, updates: Sequence[PendingUpdate], update_hessian: bool) -> None:
@@ -444,6 +511,7 @@ def check_zo_settings(
     hessian_damping: float,
     hessian_update: str,
     generator: str,
+    distribution: str = "gaussian",
     prefix: str = "",
 ) -> None:
     """Raises a `ValueError` naming the field and the allowed values for the first invalid ZO setting. `prefix`
@@ -466,3 +534,5 @@ def check_zo_settings(
         raise bad("hessian_update", f"one of {HESSIAN_UPDATES}", hessian_update)
     if generator not in GENERATORS:
         raise bad("generator", f"one of {GENERATORS}", generator)
+    if distribution not in DISTRIBUTIONS:
+        raise bad("distribution", f"one of {DISTRIBUTIONS}", distribution)
