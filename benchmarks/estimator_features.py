@@ -56,16 +56,17 @@ def load_mean_features(task: str) -> dict[str, Any]:
 
 
 class LabelHead(nn.Module):
-    """`logits = T * W e + b` on cached features `e`, `W` initialised from the label-name embeddings."""
+    """`logits = T * W e + b` on cached features `e`, `W` initialised from the label-name embeddings. Each label's
+    row of `W` is its own tensor, so that a subset estimator over tensors picks labels (blocks: K rows and `b`)."""
 
     def __init__(self, label_emb: torch.Tensor, temperature: float = TEMPERATURE):
         super().__init__()
         self.temperature = temperature
-        self.weight = nn.Parameter(label_emb.clone().float())
+        self.rows = nn.ParameterList([nn.Parameter(row.clone().float()) for row in label_emb])
         self.bias = nn.Parameter(torch.zeros(label_emb.shape[0]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.temperature * x @ self.weight.T + self.bias
+        return self.temperature * x @ torch.stack(list(self.rows)).T + self.bias
 
 
 if __name__ == "__main__":
