@@ -27,7 +27,7 @@ from hf_hiso.embedded import load_tweets_sentiment, minilm_path
 OUT = RESULTS_DIR / "estimators" / "swap"
 RUNS = [f"{kind}:{lr}:{est}" for kind, lr in (("full", "2e-5"), ("full", "5e-5"), ("lora", "1e-4"), ("lora", "1e-3"))
         for est in ("default", "normalized")]  # fmt: skip
-STEPS, EVAL_N = int(__import__("os").environ.get("SWAP_STEPS", 200)), 512
+STEPS, EVAL_N = 200, 512
 
 
 def build(kind: str) -> torch.nn.Module:
