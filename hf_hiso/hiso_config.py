@@ -11,6 +11,7 @@ from transformers import TrainingArguments
 from transformers.utils import logging
 
 from .curvature import BLOCKINGS, TARGETS, check_curvature_settings
+from .estimators import parse_estimator_kwargs, resolve_estimator
 from .zo_env import resolve_zo_arguments
 from .zo_optimizer import check_step_settings, check_zo_settings, parse_cache_setting
 
@@ -80,6 +81,23 @@ class ZOArguments:
             "memory) or 'auto' (cache when the P directions take at most 1 GiB: adapters and models up to ~50 M "
             "trainable parameters at P = 5).",
             "choices": ["auto", "true", "false"],
+        },
+    )
+    zo_estimator: str = field(
+        default="default",
+        metadata={
+            "help": "How directions are chosen and the scalars become the update: 'default' (HiSo, or DeComFL with "
+            "zo_preconditioner=False), or an experimental estimator of hf_hiso.experimental: 'normalized' (the "
+            "slopes divided by their running RMS: a scale-free learning rate, like Adam's) or 'subset' (each "
+            "direction perturbs a seeded subset of the trainable tensors, rescaled). All send one scalar per "
+            "direction."
+        },
+    )
+    zo_estimator_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Settings of `zo_estimator` as a dict or JSON string, e.g. '{\"beta\": 0.9}' for 'normalized' "
+            "or '{\"fraction\": 0.25}' for 'subset'."
         },
     )
     zo_skip_nonfinite: bool = field(
@@ -172,6 +190,14 @@ class ZOArguments:
             distribution=self.zo_distribution,
             prefix="zo_",
         )
+        self.zo_estimator_kwargs = parse_estimator_kwargs(self.zo_estimator_kwargs, "zo_estimator_kwargs")
+        # Resolved here only to check the name and settings before training (the optimizer builds its own).
+        estimator = resolve_estimator(self.zo_estimator, self.zo_estimator_kwargs, prefix="zo_")
+        if self.zo_curvature and estimator.name != "default":
+            raise ValueError(
+                f"`zo_estimator` must be 'default' with `zo_curvature=True`, got {self.zo_estimator!r}: the block "
+                "curvature preconditioner sets the directions itself."
+            )
         if self.zo_curvature_blocks not in BLOCKINGS:
             raise ValueError(f"`zo_curvature_blocks` must be one of {BLOCKINGS}, got {self.zo_curvature_blocks!r}")
         check_curvature_settings(
@@ -202,6 +228,8 @@ class ZOArguments:
             "hessian_update": self.zo_hessian_update,
             "generator": self.zo_generator,
             "distribution": self.zo_distribution,
+            "estimator": self.zo_estimator,
+            "estimator_kwargs": dict(self.zo_estimator_kwargs),
             "cache_directions": self.zo_cache_directions,
             "skip_nonfinite": self.zo_skip_nonfinite,
             "seed": seed,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,7 @@ from .curvature import (
     block_directional_scalars,
     check_curvature_settings,
 )
+from .estimators import ZOEstimator, resolve_estimator
 from .zo_estimators import (
     DIFFERENCES,
     DISTRIBUTIONS,
@@ -106,7 +107,6 @@ class HiSoOptimizer(torch.optim.Optimizer):
             on every device and thread count), `"cpu"` (torch's CPU generator, the default of versions up to 0.1) or
             `"device"` (each device's torch generator, device-specific numbers); see `hf_hiso.zo_estimators`. Kept in
             the optimizer state: a checkpoint written with another generator is refused on load.
-        distribution: `"gaussian"` (default) or `"rademacher"` directions.
         cache_directions: keep the step's directions in memory (`P * d` values) instead of regenerating them for the
             perturbation, the restoration and the update; `"auto"` caches when they take at most `CACHE_AUTO_BYTES`
             (1 GiB). The directions, and so the results, are the same either way.
@@ -120,6 +120,12 @@ class HiSoOptimizer(torch.optim.Optimizer):
             what `zo_curvature_blocks="role"` builds in [`HiSoTrainer`]) or a block id per tensor.
         curvature_every, curvature_forget, curvature_floor, curvature_spread, curvature_prior, curvature_target,
             curvature_steps: see [`~hf_hiso.curvature.BlockCurvature`] (`every`, ..., `target`, `steps`).
+        distribution: `"gaussian"` (`u_p ~ N(0, I)`, the paper) or `"rademacher"` (independent +-1 entries: every
+            direction has norm `sqrt(d)`; `E[u u^T] = I` as well, so the estimator keeps its mean).
+        estimator: how directions are chosen and scalars become update coefficients ([`~hf_hiso.estimators`]): a
+            registered name (`"default"`: HiSo / DeComFL as above; `"normalized"`, `"subset"`: experimental, in
+            `hf_hiso.experimental`), a [`~hf_hiso.estimators.ZOEstimator`] subclass or an instance.
+        estimator_kwargs: settings of a named estimator (a dict or a JSON object string).
     """
 
     def __init__(
@@ -149,6 +155,8 @@ class HiSoOptimizer(torch.optim.Optimizer):
         curvature_prior: float = 0.1,
         curvature_target: str = "curvature",
         curvature_steps: int = 0,
+        estimator: str | ZOEstimator | type[ZOEstimator] | None = None,
+        estimator_kwargs: Mapping[str, Any] | str | None = None,
     ):
         check_zo_settings(
             zo_eps=zo_eps,
@@ -172,6 +180,12 @@ class HiSoOptimizer(torch.optim.Optimizer):
         if curvature:
             check_curvature_settings(**curvature_kwargs)
         check_step_settings(lr, weight_decay, prefix="optimizer")
+        self.estimator = resolve_estimator(estimator, estimator_kwargs)
+        if curvature and type(self.estimator) is not ZOEstimator:
+            raise ValueError(
+                f"`estimator` must be 'default' with the curvature extension (`curvature=True`), got "
+                f"{self.estimator.name!r}: the block curvature preconditioner sets the directions itself."
+            )
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
         if not any(group["params"] for group in self.param_groups):
             raise ValueError(
@@ -202,6 +216,9 @@ class HiSoOptimizer(torch.optim.Optimizer):
             "forward_passes": 0,
             "directions": self.source.name,
         }
+        # The estimator's state: a function of the averaged scalars applied so far (checkpointed, replayed).
+        self.estimator.bind(self.params, self.param_groups)
+        self.state["estimator"] = {"name": self.estimator.name, **self.estimator.init_state()}
         self.last_loss: float | None = None
         self.last_slopes: torch.Tensor | None = None
         # Loss evaluations of the last `measure` (P + 1 or 2P + 1; varies by step with the curvature extension).
@@ -293,6 +310,7 @@ class HiSoOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         # A new dict: torch keeps non-parameter state by reference (state from before the key existed gains it).
         self.state["hiso"] = {**self.state["hiso"], "directions": self.source.name}
+        self._load_estimator_state()
         if self.curvature is not None:
             if "curvature" not in self.state:
                 raise ValueError("The checkpoint holds no curvature state, but this optimizer has `curvature=True`.")
@@ -310,6 +328,20 @@ class HiSoOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             check_step_settings(group["lr"], group["weight_decay"], prefix="optimizer")
 
+    def _load_estimator_state(self) -> None:
+        est = self.state.get("estimator")
+        if est is None and type(self.estimator) is ZOEstimator:
+            # A checkpoint written before estimators existed: HiSo / DeComFL have no estimator state.
+            est = {"name": self.estimator.name}
+        if est is None or est.get("name") != self.estimator.name:
+            found = None if est is None else est.get("name")
+            raise ValueError(
+                f"The checkpoint was written with estimator {found!r}, but this optimizer uses "
+                f"{self.estimator.name!r} (`estimator`): resume with the same estimator."
+            )
+        # An own copy: torch keeps non-parameter state by reference, and the source may go on training.
+        self.state["estimator"] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in est.items()}
+
     # ---- the two halves of a step --------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -322,6 +354,9 @@ class HiSoOptimizer(torch.optim.Optimizer):
         self._check_groups()
         if self.curvature is not None:
             return self._measure_blocks(loss_fn, seed, loss0)
+        factors = self.estimator.direction_factors(self.state["estimator"], seed, self.num_directions)
+        if factors is not None:
+            return self._measure_factors(loss_fn, seed, factors, loss0)
         per_direction = 1 if self.difference == "forward" else 2
         self.last_forward_passes = per_direction * self.num_directions + (1 if loss0 is None else 0)
         return directional_scalars(
@@ -335,6 +370,19 @@ class HiSoOptimizer(torch.optim.Optimizer):
             source=self.source,
             loss0=loss0,
         )
+
+    def _measure_factors(
+        self, loss_fn: Callable[[], torch.Tensor], seed: int, factors: list[list[float]], loss0: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # The estimator's per-direction factors times H ** -0.5 (floats alone without HiSo's preconditioner).
+        base = self.scales()
+        scales = factors if base is None else [[b * f for b, f in zip(base, row, strict=True)] for row in factors]
+        central = self.difference == "central"
+        loss0, slopes, curvatures, passes = block_directional_scalars(
+            loss_fn, self.params, seed, scales, self.zo_eps, central, self.source, loss0=loss0
+        )
+        self.last_forward_passes = passes
+        return loss0, slopes, curvatures
 
     def _measure_blocks(
         self, loss_fn: Callable[[], torch.Tensor], seed: int, loss0: torch.Tensor | None
@@ -438,7 +486,7 @@ class HiSoOptimizer(torch.optim.Optimizer):
         scales = self.scales()
         lrs = [group["lr"] for group in self.param_groups for _ in group["params"]]
         wds = [group["weight_decay"] for group in self.param_groups for _ in group["params"]]
-        streams = [aggregated_directions(params, u.seed, u.slopes, scales=scales, source=self.source) for u in updates]
+        streams = [self._update_stream(u, scales, update_hessian) for u in updates]
         hs = self.hessian() if (update_hessian and self.preconditioner) else None
         beta, eps = self.hessian_smooth, self.hessian_damping
         for i, p in enumerate(params):
@@ -453,6 +501,21 @@ class HiSoOptimizer(torch.optim.Optimizer):
                     hs[i].mul_(beta).add_(v.float().square().add_(eps), alpha=1.0 - beta)
         if hs is not None:
             self._scales = None
+
+    def _update_stream(
+        self, update: PendingUpdate, scales: list[torch.Tensor] | None, update_state: bool
+    ) -> Iterator[torch.Tensor]:
+        """`v = (1 / P) sum_p c_p z_p` tensor by tensor, with the estimator's coefficients `c` and direction factors
+        (the factors first: they are those the scalars were measured with, before the state update)."""
+        state = self.state["estimator"]
+        factors = self.estimator.direction_factors(state, update.seed, len(update.slopes))
+        coeffs = self.estimator.coefficients(state, update.slopes, update_state)
+        if factors is None:
+            return aggregated_directions(self.params, update.seed, coeffs, scales=scales, source=self.source)
+        stream = block_aggregated_directions(self.params, update.seed, coeffs, factors, self.source)
+        if scales is None:
+            return stream
+        return (v.mul_(s) for v, s in zip(stream, scales, strict=True))
 
     @torch.no_grad()
     def _apply_block_updates(self, updates: Sequence[PendingUpdate], update_hessian: bool) -> None:

@@ -144,8 +144,10 @@ def shard_fn(data, num_clients=NUM_CLIENTS, seed=0):
     return lambda context: federated_shard(data, int(context.node_config["partition-id"]), num_clients, seed=seed)
 
 
-def flower_federation(tmp_path, data, num_clients=NUM_CLIENTS, per_round=PER_ROUND, fault=None, rounds=ROUNDS, **kw):
-    args = settings(tmp_path, "flower", max_steps=rounds)
+def flower_federation(
+    tmp_path, data, num_clients=NUM_CLIENTS, per_round=PER_ROUND, fault=None, rounds=ROUNDS, zo=None, **kw
+):
+    args = settings(tmp_path, "flower", max_steps=rounds, **(zo or {}))
     client = HiSoClient(tiny_bert, args, shard_fn(data, num_clients))
     strategy = HiSoStrategy(
         args, rounds, num_clients, per_round, TAU, replica_model=tiny_bert(), verify_replicas=True, **kw
@@ -155,10 +157,10 @@ def flower_federation(tmp_path, data, num_clients=NUM_CLIENTS, per_round=PER_ROU
     return strategy, grid
 
 
-def callback_federation(tmp_path, data, num_clients=NUM_CLIENTS, per_round=PER_ROUND):
+def callback_federation(tmp_path, data, num_clients=NUM_CLIENTS, per_round=PER_ROUND, zo=None):
     callback = FederatedZOCallback(num_clients, per_round, TAU, partition="iid")
     trainer = HiSoTrainer(
-        model=tiny_bert(), args=settings(tmp_path, "callback"), train_dataset=data, callbacks=[callback]
+        model=tiny_bert(), args=settings(tmp_path, "callback", **(zo or {})), train_dataset=data, callbacks=[callback]
     )
     trainer.train()
     return trainer, callback
@@ -168,7 +170,8 @@ def assert_same_model(strategy, trainer):
     ours, theirs = strategy.replica_optimizer, trainer.zo_optimizer
     for a, b in zip(ours.params, theirs.params, strict=True):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=1e-6)
-    for a, b in zip(ours.hessian(), theirs.hessian(), strict=True):
+    assert (ours.hessian() is None) == (theirs.hessian() is None)
+    for a, b in zip(ours.hessian() or [], theirs.hessian() or [], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
 
 
@@ -190,6 +193,25 @@ def test_flower_federation_equals_callback(tmp_path):
     assert summary["flower_bytes_uplink"] > summary["bytes_uplink"]
     assert summary["flower_bytes_total"] < summary["fedavg_bytes"] / 5
     assert all(m["flower_bytes_uplink"] < 4 * d for m in strategy.round_metrics)
+
+
+@pytest.mark.parametrize(
+    "zo",
+    [
+        {"zo_estimator": "normalized", "zo_preconditioner": False},
+        {"zo_estimator": "subset", "zo_estimator_kwargs": {"fraction": 0.3}, "zo_distribution": "rademacher"},
+    ],
+)
+def test_flower_federation_with_an_estimator_equals_callback(tmp_path, zo):
+    """The experimental estimators' state is rebuilt by the Flower server's replica and every client exactly."""
+    data = toy_dataset(N)
+    trainer, callback = callback_federation(tmp_path, data, zo=zo)
+    strategy, _ = flower_federation(tmp_path, data, zo=zo)
+    assert strategy.replica_optimizer.estimator.name == zo["zo_estimator"]
+    assert_same_model(strategy, trainer)
+    assert strategy.replica_optimizer.state["estimator"] == trainer.zo_optimizer.state["estimator"]
+    assert strategy.replica_mismatches == 0 and strategy.failed_replies == 0
+    assert strategy.ledger.summary() == callback.ledger.summary()
 
 
 def test_messages_carry_seeds_lrs_and_scalars_only(tmp_path):

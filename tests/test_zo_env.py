@@ -108,7 +108,8 @@ def test_every_setting_has_a_variable(monkeypatch, tmp_path):
     from dataclasses import fields
 
     for f in fields(ZOArguments):
-        monkeypatch.setenv(env_name(f.name), str(getattr(ZOArguments(), f.name)))
+        value = getattr(ZOArguments(), f.name)
+        monkeypatch.setenv(env_name(f.name), "{}" if value is None else str(value))  # None: an empty JSON dict
     _, sources = resolve_zo_arguments(ZOArguments, plain_args(tmp_path))
     assert set(sources.values()) == {"env"}
 
