@@ -151,6 +151,8 @@ def load_baseline(path: str) -> ModuleType:
     the current one against it in the same process."""
     spec = importlib.util.spec_from_file_location("baseline_zo_estimators", path)
     module = importlib.util.module_from_spec(spec)
+    # Relative imports of the file (`from .zo_random import ...`) resolve in the installed package.
+    module.__package__ = "hf_hiso"
     spec.loader.exec_module(module)
     return module
 
@@ -444,7 +446,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         f"{label:23s} step {fmt(sec[key], 3)} s, step / floor {fmt(cost[key]['over_floor'])}, "
                         f"generation share {fmt(cost[key]['generation_share'])}"
                     )
-                    if baseline is not None:
+                    if baseline is not None and key + "_baseline" in sec:
                         print(
                             f"{'  baseline estimators':23s} step {fmt(sec[key + '_baseline'], 3)} s, step / floor "
                             f"{fmt(cost[key + '_baseline']['over_floor'])}; current / baseline "
