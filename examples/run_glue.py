@@ -53,6 +53,7 @@ from transformers import (
 from hf_hiso import FederatedZOCallback, HiSoConfig, HiSoTrainer
 from hf_hiso.embedded import EMBEDDED_TASKS, load_embedded_task, minilm_path
 from hf_hiso.federated import FederatedArguments  # the simulated federation; --num_clients 0 trains centrally
+from hf_hiso.heads import LabelDescriptionClassifier
 from hf_hiso.metrics import build_compute_metrics
 from hf_hiso.model_card import format_bytes, public_model_name
 
@@ -94,6 +95,10 @@ EXAMPLE_DEFAULTS: dict[str, Any] = {
     # Pinned memory only helps copies to an accelerator; on CPUs torch warns about it for every data loader.
     "dataloader_pin_memory": torch.accelerator.is_available(),
 }
+# The learning rate of `--head label_descriptions` when none is given: the head is 2 x 384 cosine weights scaled by
+# 20, whose best constant lr in the estimator benchmark was 1e-3 to 3e-3 (BENCHMARKS.md); the linear decay halves
+# its mean.
+LABEL_HEAD_LEARNING_RATE = 2e-3
 
 
 @dataclass
@@ -114,6 +119,23 @@ class ModelArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
     ignore_mismatched_sizes: bool = field(
         default=False, metadata={"help": "Load a checkpoint whose classifier head has another number of labels."}
+    )
+    head: str = field(
+        default="fresh",
+        metadata={
+            "help": "'fresh': a new classifier on the model's [CLS] pooler (AutoModelForSequenceClassification), "
+            "with --use_peft an adapter too; 'label_descriptions': the encoder's own pooling with a head initialised "
+            "from the embeddings of the label descriptions (training starts from the zero-shot classifier; the "
+            "encoder is frozen and only the head trains; hf_hiso.heads).",
+            "choices": ["fresh", "label_descriptions"],
+        },
+    )
+    label_descriptions: str | None = field(
+        default=None,
+        metadata={
+            "help": "With --head label_descriptions: one description per label, separated by ';' (several for one "
+            "label by '|'), in label order. Default: the label names."
+        },
     )
 
 
@@ -485,6 +507,8 @@ def quiet_local_run(model_args: ModelArguments, data_args: DataTrainingArguments
 def run(argv: list[str] | None = None) -> tuple[HiSoTrainer, dict[str, Any]]:
     """Parses `argv` (default: the command line), trains, evaluates, saves; returns the trainer and the summary."""
     model_args, data_args, peft_args, fed_args, training_args = parse_args(argv)
+    args_given = sys.argv[1:] if argv is None else list(argv)
+    lr_given = any(a.startswith("--learning_rate") or a.endswith(".json") for a in args_given)
     quiet_local_run(model_args, data_args)
 
     logging.basicConfig(
@@ -521,11 +545,26 @@ def run(argv: list[str] | None = None) -> tuple[HiSoTrainer, dict[str, Any]]:
     }
     config = AutoConfig.from_pretrained(model_args.config_name or model_path, **config_kwargs, **hub_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_path, **hub_kwargs)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **hub_kwargs
-    )
-    if peft_args.use_peft:
-        model = build_peft_model(model, peft_args, base_model_name)
+    label_head = model_args.head == "label_descriptions"
+    if label_head:
+        if is_regression:
+            raise ValueError("--head label_descriptions needs a classification task (labels, not numbers).")
+        descriptions = (
+            [[t.strip() for t in d.split("|")] for d in model_args.label_descriptions.split(";")]
+            if model_args.label_descriptions
+            else [str(name) for name in label_names]
+        )
+        model = LabelDescriptionClassifier.from_label_descriptions(
+            model_path, tokenizer, descriptions, labels=[str(n) for n in label_names], **hub_kwargs
+        )
+        if not lr_given:
+            training_args.learning_rate = LABEL_HEAD_LEARNING_RATE
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **hub_kwargs
+        )
+        if peft_args.use_peft:
+            model = build_peft_model(model, peft_args, base_model_name)
 
     for split, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
         if limit is not None:
@@ -550,6 +589,8 @@ def run(argv: list[str] | None = None) -> tuple[HiSoTrainer, dict[str, Any]]:
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     train_seconds, train_cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
     trainer.save_model()
+    if label_head and trainer.is_world_process_zero():
+        model.save_pretrained(training_args.output_dir)  # a stock encoder folder + the head (hf_hiso.heads)
     after = trainer.evaluate()
 
     federated = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, FederatedZOCallback)), None)
@@ -557,7 +598,13 @@ def run(argv: list[str] | None = None) -> tuple[HiSoTrainer, dict[str, Any]]:
     summary = {
         "task": data_args.task_name or os.path.basename(data_args.train_file),
         "model": base_model_name or os.path.basename(os.path.normpath(model_path)),
-        "adapter": "LoRA adapter + head" if peft_args.use_peft else "full model",
+        "adapter": (
+            "label-description head on mean pooling (encoder frozen)"
+            if label_head
+            else "LoRA adapter + head"
+            if peft_args.use_peft
+            else "full model"
+        ),
         "train_examples": len(train_dataset),
         "eval_examples": len(eval_dataset),
         "majority_rate": float(np.bincount(labels).max() / len(labels)) if not is_regression else float("nan"),

@@ -35,12 +35,12 @@ GLUE_METRIC_KEYS: dict[str, tuple[str, ...]] = {
 
 def metric_keys(task_name: str | None, num_labels: int) -> tuple[str, ...]:
     """Metric keys reported for a task: the GLUE task's own keys; otherwise accuracy, plus F1 (binary F1 of label 1
-    for two classes, macro F1 for more), or Pearson / Spearman for a regression (`num_labels == 1`)."""
+    and `macro_f1` for two classes, macro F1 for more), or Pearson / Spearman for a regression (`num_labels == 1`)."""
     if task_name in GLUE_METRIC_KEYS:
         return GLUE_METRIC_KEYS[task_name]
     if num_labels == 1:
         return ("pearson", "spearmanr")
-    return ("accuracy", "f1")
+    return ("accuracy", "f1", "macro_f1") if num_labels == 2 else ("accuracy", "f1")
 
 
 def _sklearn_metric(key: str, num_labels: int) -> Callable[[np.ndarray, np.ndarray], float]:
@@ -53,6 +53,8 @@ def _sklearn_metric(key: str, num_labels: int) -> Callable[[np.ndarray, np.ndarr
         # evaluate's "f1" (and GLUE's MRPC / QQP F1) is the binary F1 of label 1; macro F1 for multi-class tasks.
         average = "binary" if num_labels <= 2 else "macro"
         return lambda y_true, y_pred: f1_score(y_true, y_pred, average=average)
+    if key == "macro_f1":
+        return lambda y_true, y_pred: f1_score(y_true, y_pred, average="macro")
     if key == "matthews_correlation":
         return matthews_corrcoef
     if key == "pearson":
@@ -90,6 +92,9 @@ class TaskMetrics:
                 if module.name == "f1" and self.num_labels > 2:
                     kwargs["average"] = "macro"
                 out.update(module.compute(predictions=predictions, references=labels, **kwargs))
+                if module.name == "f1" and "macro_f1" in self.keys:
+                    macro = module.compute(predictions=predictions, references=labels, average="macro")
+                    out["macro_f1"] = macro["f1"]
             return {k: float(v) for k, v in out.items() if k in self.keys}
         return {k: float(_sklearn_metric(k, self.num_labels)(labels, predictions)) for k in self.keys}
 
@@ -99,7 +104,7 @@ def _load_evaluate(task_name: str | None, keys: tuple[str, ...]) -> list[Any]:
 
     if task_name in GLUE_METRIC_KEYS:
         return [evaluate.load("glue", task_name)]
-    return [evaluate.load(key) for key in keys]
+    return [evaluate.load(key) for key in keys if key != "macro_f1"]  # macro_f1: the f1 module, averaged
 
 
 def _offline() -> bool:

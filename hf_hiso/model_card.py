@@ -232,6 +232,8 @@ def _peft_summary(model: Any) -> dict[str, Any] | None:
 def _auto_class(model: Any) -> str:
     base = getattr(model, "get_base_model", lambda: model)()
     name = type(base).__name__
+    if name == "LabelDescriptionClassifier":
+        return LABEL_HEAD_CLASS
     for suffix, auto in (
         ("ForSequenceClassification", "AutoModelForSequenceClassification"),
         ("ForCausalLM", "AutoModelForCausalLM"),
@@ -243,7 +245,11 @@ def _auto_class(model: Any) -> str:
     return "AutoModel"
 
 
+# How cards name the label-description classifier of `hf_hiso.heads` (a stock encoder plus a head file).
+LABEL_HEAD_CLASS = "LabelDescriptionClassifier"
+
 PIPELINE_TAGS = {
+    LABEL_HEAD_CLASS: "text-classification",
     "AutoModelForSequenceClassification": "text-classification",
     "AutoModelForCausalLM": "text-generation",
     "AutoModelForTokenClassification": "token-classification",
@@ -366,6 +372,26 @@ def _fmt(value: Any) -> str:
 def _usage(inputs: dict[str, Any]) -> str:
     repo = inputs["hub_model_id"] or inputs["model_name"]
     auto = inputs["auto_class"]
+    if auto == LABEL_HEAD_CLASS:
+        # The folder is a stock encoder plus `classifier.safetensors` (hf_hiso.heads): transformers alone loads it.
+        return "\n".join(
+            [
+                "import torch",
+                "from huggingface_hub import hf_hub_download",
+                "from safetensors.torch import load_file",
+                "from transformers import AutoModel, AutoTokenizer",
+                "",
+                f'encoder, tokenizer = AutoModel.from_pretrained("{repo}"), AutoTokenizer.from_pretrained("{repo}")',
+                f'head = load_file(hf_hub_download("{repo}", "classifier.safetensors"))  # or the local file',
+                'batch = tokenizer(["some text"], return_tensors="pt", padding=True)',
+                "hidden = encoder(**batch).last_hidden_state",
+                'mask = batch["attention_mask"].unsqueeze(-1).float()',
+                "emb = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)  # mean pooling",
+                'logits = 20.0 * emb @ head["weight"].T + head["bias"]  # scale: classifier_config.json',
+                "# or: from hf_hiso.heads import LabelDescriptionClassifier; "
+                f'LabelDescriptionClassifier.from_pretrained("{repo}")',
+            ]
+        )
     labels = f", num_labels={inputs['num_labels']}" if inputs.get("num_labels") else ""
     lines = [f"from transformers import {auto}, AutoTokenizer"]
     if inputs["peft"] is not None:

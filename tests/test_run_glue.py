@@ -308,12 +308,13 @@ def test_metrics_keys_and_offline_backend():
     from hf_hiso.metrics import build_compute_metrics
 
     metrics = build_compute_metrics("tweets_sentiment", num_labels=2)  # the suite runs offline (conftest)
-    assert metrics.backend == "scikit-learn" and metrics.keys == ("accuracy", "f1")
+    assert metrics.backend == "scikit-learn" and metrics.keys == ("accuracy", "f1", "macro_f1")
     logits = np.array([[2.0, 1.0], [0.0, 3.0], [1.0, 0.0], [0.0, 1.0]])  # predicts 0, 1, 0, 1
     labels = np.array([0, 1, 1, 1])
     out = metrics(EvalPrediction(predictions=logits, label_ids=labels))
-    # 3 of 4 right; for label 1: 2 true positives, no false positive, 1 false negative -> F1 = 4 / 5.
-    assert out == pytest.approx({"accuracy": 0.75, "f1": 0.8})
+    # 3 of 4 right; for label 1: 2 true positives, no false positive, 1 false negative -> F1 = 4 / 5; for label 0:
+    # precision 1 / 2, recall 1 -> F1 = 2 / 3; macro F1 = (4 / 5 + 2 / 3) / 2.
+    assert out == pytest.approx({"accuracy": 0.75, "f1": 0.8, "macro_f1": (0.8 + 2 / 3) / 2})
     assert build_compute_metrics("cola", 2, backend="scikit-learn").keys == ("matthews_correlation",)
     assert build_compute_metrics("mrpc", 2, backend="scikit-learn").keys == ("accuracy", "f1")
     many = build_compute_metrics("bbc_news", 5, backend="scikit-learn")
