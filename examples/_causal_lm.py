@@ -172,3 +172,61 @@ def finish(
         json.dump(results, fh, indent=1, default=str)
     if save_model:
         trainer.save_model()
+
+
+# ---- run_glue.py with a causal LM -----------------------------------------------------------------------------------
+# run_glue.py options renamed for run_prompt_lm.py; the rest (HiSoConfig, TrainingArguments, federation, PEFT of
+# `ModelArguments`, --template, --label_words) is the same on both.
+GLUE_TO_PROMPT_OPTIONS = {"--task_name": "--task", "--max_seq_length": "--max_length"}
+CAUSAL_ARCHITECTURE_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def option_value(argv: list[str], option: str) -> str | None:
+    """The value of `option` in `argv` (`--option value` or `--option=value`), the last one given, or None."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == option and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(option + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def wants_label_words(argv: list[str]) -> bool:
+    """Whether a run_glue.py command line asks for the prompt + label-word objective: `--objective label_words`, or a
+    `--model_name_or_path` whose config names a causal-LM architecture (`...ForCausalLM`, `...LMHeadModel`)."""
+    if option_value(argv, "--objective") == "label_words":
+        return True
+    path = option_value(argv, "--model_name_or_path")
+    if path is None:
+        return False
+    from transformers import AutoConfig
+
+    architectures = AutoConfig.from_pretrained(path).architectures or []
+    return any(a.endswith(CAUSAL_ARCHITECTURE_SUFFIXES) for a in architectures)
+
+
+def glue_to_prompt_argv(argv: list[str]) -> list[str]:
+    """A run_glue.py command line as run_prompt_lm.py's: the renamed options, `--objective label_words` dropped (the
+    label-word loss is the prompt example's default objective; its other objectives pass through), and federated
+    like run_glue.py: on unless `--num_clients 0`."""
+    out: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        name, eq, value = arg.partition("=")
+        if name == "--objective":  # 'label_words' picks this path; another value is one of run_prompt_lm's
+            objective = value if eq else next(args, "")
+            out += [] if objective == "label_words" else ["--objective", objective]
+            continue
+        out.append(GLUE_TO_PROMPT_OPTIONS.get(name, name) + eq + value)
+    if (option_value(argv, "--num_clients") or "6") != "0" and "--federated" not in argv:
+        out.append("--federated")
+    return out
+
+
+def run_label_words(argv: list[str]) -> dict[str, Any]:
+    """run_glue.py's causal-LM path: `run_prompt_lm.main` on the translated command line (zero-shot and trained
+    accuracy / macro-F1, the federation's ledger, `prompt_lm_results.json`)."""
+    import run_prompt_lm  # here, not at the top: run_prompt_lm imports this module
+
+    return run_prompt_lm.main(glue_to_prompt_argv(argv))

@@ -22,6 +22,11 @@ sets `use_cpu=True` itself, so that transformers joins the processes into one gl
 Every option not given keeps the default of the embedded run (see `EXAMPLE_DEFAULTS` and the dataclasses below), so
 `--max_steps 50` runs a shorter default. Bad input (unknown task, missing file, no label column, a PEFT target
 module the model does not have) fails with a clear error before any training starts.
+
+A causal LM as `--model_name_or_path` (or `--objective label_words`) takes the prompt + label-word path of
+`run_prompt_lm.py` instead, federated the same way, with its options (`--template`, `--label_words`, `--trainable`):
+
+    python examples/run_glue.py --objective label_words    # the embedded SmolLM2-135M on the tweets
 """
 
 from __future__ import annotations
@@ -649,8 +654,17 @@ def run(argv: list[str] | None = None) -> tuple[HiSoTrainer, dict[str, Any]]:
     return trainer, summary
 
 
-def main() -> None:
-    run()
+def main(argv: list[str] | None = None) -> None:
+    """Runs `run`, or, for a causal LM (its config's architecture, or `--objective label_words`), the prompt +
+    label-word path of `_causal_lm.run_label_words` (federated the same way, with `--template` / `--label_words`)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _causal_lm.py, beside this file
+    import _causal_lm
+
+    if _causal_lm.wants_label_words(argv):
+        _causal_lm.run_label_words(argv)
+    else:
+        run(argv)
 
 
 if __name__ == "__main__":
