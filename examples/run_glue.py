@@ -84,10 +84,10 @@ DATA_EXTENSIONS = {"csv": "csv", "json": "json", "jsonl": "json"}
 # own). Chosen so that the run finishes in a few minutes on 2 CPU cores; see README.md and BENCHMARKS.md.
 EXAMPLE_DEFAULTS: dict[str, Any] = {
     "output_dir": "outputs/run_glue",
-    # The classifier head and the LoRA tensors share one learning rate: with lora_alpha / r = 1/8 the adapter's
-    # perturbations act ~8x shorter on the function than the head's (MEASURED.md: plain LoRA stalls or diverges
-    # with ZO, the head alone learns). The linear decay damps the round-to-round swings of label-skewed clients.
-    "learning_rate": 0.02,
+    # The default head (label descriptions on mean pooling): 2 x 384 cosine weights scaled by 20; of 1e-3, 2e-3, 5e-3
+    # and 1e-2 with linear decay, 1e-3 ended best on the tweets (BENCHMARKS.md). The decay damps the round-to-round
+    # swings of label-skewed clients.
+    "learning_rate": 1e-3,
     "lr_scheduler_type": "linear",
     "max_steps": 400,
     "per_device_train_batch_size": 8,  # per client: 2 sampled clients x 8 = 16 examples per round
@@ -100,10 +100,10 @@ EXAMPLE_DEFAULTS: dict[str, Any] = {
     # Pinned memory only helps copies to an accelerator; on CPUs torch warns about it for every data loader.
     "dataloader_pin_memory": torch.accelerator.is_available(),
 }
-# The learning rate of `--head label_descriptions` when none is given: the head is 2 x 384 cosine weights scaled by
-# 20, whose best constant lr in the estimator benchmark was 1e-3 to 3e-3 (BENCHMARKS.md); the linear decay halves
-# its mean.
-LABEL_HEAD_LEARNING_RATE = 2e-3
+# The learning rate of `--head fresh` when none is given: the new classifier head and the LoRA tensors share it; with
+# lora_alpha / r = 1/8 the adapter's perturbations act ~8x shorter on the function than the head's (plain LoRA stalls
+# or diverges with ZO, the head alone learns).
+FRESH_HEAD_LEARNING_RATE = 0.02
 
 
 @dataclass
@@ -126,12 +126,13 @@ class ModelArguments:
         default=False, metadata={"help": "Load a checkpoint whose classifier head has another number of labels."}
     )
     head: str = field(
-        default="fresh",
+        default="label_descriptions",
         metadata={
             "help": "'fresh': a new classifier on the model's [CLS] pooler (AutoModelForSequenceClassification), "
             "with --use_peft an adapter too; 'label_descriptions': the encoder's own pooling with a head initialised "
             "from the embeddings of the label descriptions (training starts from the zero-shot classifier; the "
-            "encoder is frozen and only the head trains; hf_hiso.heads).",
+            "encoder is frozen and only the head trains, so --use_peft does not apply; hf_hiso.heads). Regression "
+            "tasks take the fresh head.",
             "choices": ["fresh", "label_descriptions"],
         },
     )
@@ -550,10 +551,9 @@ def run(argv: list[str] | None = None) -> tuple[HiSoTrainer, dict[str, Any]]:
     }
     config = AutoConfig.from_pretrained(model_args.config_name or model_path, **config_kwargs, **hub_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_path, **hub_kwargs)
-    label_head = model_args.head == "label_descriptions"
+    # A regression task has no labels to describe: it takes the fresh head.
+    label_head = model_args.head == "label_descriptions" and not is_regression
     if label_head:
-        if is_regression:
-            raise ValueError("--head label_descriptions needs a classification task (labels, not numbers).")
         descriptions = (
             [[t.strip() for t in d.split("|")] for d in model_args.label_descriptions.split(";")]
             if model_args.label_descriptions
@@ -562,9 +562,9 @@ def run(argv: list[str] | None = None) -> tuple[HiSoTrainer, dict[str, Any]]:
         model = LabelDescriptionClassifier.from_label_descriptions(
             model_path, tokenizer, descriptions, labels=[str(n) for n in label_names], **hub_kwargs
         )
-        if not lr_given:
-            training_args.learning_rate = LABEL_HEAD_LEARNING_RATE
     else:
+        if not lr_given:
+            training_args.learning_rate = FRESH_HEAD_LEARNING_RATE
         model = AutoModelForSequenceClassification.from_pretrained(
             model_path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **hub_kwargs
         )

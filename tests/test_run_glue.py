@@ -106,6 +106,7 @@ def tiny_argv(setup: dict[str, Path], out: Path, *extra: str) -> list[str]:
         "--use_cpu", "true",
         "--disable_tqdm", "true",
         "--dataloader_num_workers", "0",
+        "--head", "fresh",  # the classifier-on-[CLS] path with an adapter; tests/test_heads.py runs the default head
         *extra,
     ]  # fmt: skip
 
