@@ -19,6 +19,24 @@ def federated_trainer(tmp_path, model=None, data=None, args=None, **fed):
     return trainer, callback
 
 
+def assert_ledger_formula(trainer, ledger, seed, clients, sampled, tau, P, rounds):
+    """The ledger's totals against ALGORITHM.md section 4 (float32 scalars, 64-bit seeds), with the missed rounds
+    of each sampled client replayed on a fresh server of the same seed."""
+    d = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    assert ledger.bytes_uplink_total == rounds * sampled * tau * P * 4
+    # downlink: this round's seeds per sampled client, plus seeds and averaged scalars of every missed round
+    server = FederatedServer(clients, sampled, tau, seed=seed)
+    expected_down = 0
+    for _ in range(rounds):
+        plan = server.plan_round()
+        for c in plan.clients:
+            expected_down += tau * 8 + len(server.missed_rounds(c)) * (tau * 8 + tau * P * 4)
+        server.commit_round(plan, torch.zeros(tau, P), [0.0])
+    assert ledger.bytes_downlink_total == expected_down
+    assert ledger.fedavg_bytes_total == rounds * sampled * 2 * d * 4
+    assert ledger.paper_bytes_total == rounds * sampled * 2 * tau * P * 4
+
+
 def params_of(model):
     return [p.detach().clone() for p in model.parameters() if p.requires_grad]
 
@@ -163,20 +181,8 @@ def test_ledger_matches_specification(tmp_path, clients, sampled, tau, P):
         tmp_path, args=args, num_clients=clients, clients_per_round=sampled, local_steps=tau
     )
     trainer.train()
-    d = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     led = cb.ledger
-    assert led.bytes_uplink_total == rounds * sampled * tau * P * 4
-    # downlink: this round's seeds per sampled client, plus seeds and averaged scalars of every missed round
-    server = FederatedServer(clients, sampled, tau, seed=args.seed)
-    expected_down = 0
-    for _ in range(rounds):
-        plan = server.plan_round()
-        for c in plan.clients:
-            expected_down += tau * 8 + len(server.missed_rounds(c)) * (tau * 8 + tau * P * 4)
-        server.commit_round(plan, torch.zeros(tau, P), [0.0])
-    assert led.bytes_downlink_total == expected_down
-    assert led.fedavg_bytes_total == rounds * sampled * 2 * d * 4
-    assert led.paper_bytes_total == rounds * sampled * 2 * tau * P * 4
+    assert_ledger_formula(trainer, led, args.seed, clients, sampled, tau, P, rounds)
     logged = [h for h in trainer.state.log_history if "loss" in h][-1]
     assert logged["fed/bytes_uplink_total"] == led.bytes_uplink_total
     assert logged["fed/fedavg_bytes_total"] == led.fedavg_bytes_total
